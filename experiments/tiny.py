@@ -1,0 +1,99 @@
+"""The default experiment: a tiny Mixtral-style MoE LM on the Python standard library.
+
+Runs in about 5 minutes on a 2-core CPU, needs no download:
+
+  python -m moex.main --config=experiments/tiny.py --workdir=/tmp/moex/tiny
+
+Variants are overrides, e.g. the dropless dispatch path:
+
+  python -m moex.main --config=experiments/tiny.py --workdir=/tmp/moex/tiny_dropless \
+      --config.moe.dispatch=dropless
+
+Re-running with the same --workdir resumes from the latest checkpoint; a larger
+--config.train.steps continues training past the first run's end.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the tiny MoE config; `arg` is unused (kept for big_vision-style variants)."""
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, data shuffling and router noise.
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0 = the tokenizer's vocabulary size (259 for "byte").
+  m.d_model = 128  # Residual stream width D.
+  m.num_layers = 4  # Decoder blocks.
+  m.num_heads = 4  # Query heads H.
+  m.num_kv_heads = 2  # Key/value heads (grouped-query attention); divides num_heads.
+  m.head_dim = 32  # Per-head width A.
+  m.d_ff = 512  # Hidden width F of the dense SwiGLU blocks (layers that are not MoE).
+  m.first_dense_layers = 0  # The first N blocks use a dense feed-forward block.
+  m.moe_every = 1  # After those, every Nth block is MoE (1 = all of them).
+  m.rope_theta = 10_000.0  # Rotary position embedding base.
+  m.norm_eps = 1e-6  # RMSNorm epsilon.
+  m.init_std = 0.02  # Stddev of the normal initializers (output projections scaled down).
+  m.dtype = "float32"  # Compute dtype (bfloat16 on accelerators); router stays float32.
+  m.param_dtype = "float32"  # Parameter storage dtype.
+
+  c.moe = e = ml_collections.ConfigDict()
+  e.num_experts = 8  # Experts E per MoE layer.
+  e.top_k = 2  # Experts K each token is sent to.
+  e.d_expert = 256  # Hidden width of each SwiGLU expert (its own field: fine-grained MoE).
+  e.router = "topk_softmax"  # Router: see moex/moe/routing.py ROUTERS.
+  e.dispatch = "capacity"  # Training dispatch: "capacity" (fixed buffers, drops) or "dropless".
+  e.capacity_factor = 1.25  # Training: capacity C = ceil(cf * S * K / E) per sequence of S.
+  e.eval_capacity_factor = 0.0  # Evaluation capacity factor; 0 = dropless evaluation.
+  e.min_capacity = 4  # Lower bound on C (flaxformer's default).
+  e.load_balance_weight = 1e-2  # Weight of the Switch load-balancing loss.
+  e.z_loss_weight = 1e-3  # Weight of the router z-loss.
+  e.aux_reduce = "mean"  # Combine per-layer balancing terms: "mean" or "sum" over layers.
+  e.grouped_matmul = "auto"  # Dropless backend: "auto", "ragged_dot" or "tiled".
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "stdlib"  # "stdlib" or comma-separated text files / globs.
+  d.tokenizer = "byte"  # Tokenizer name (moex/data/tokenizer.py).
+  d.val_fraction = 0.05  # Share of files (chosen by path hash) held out for evaluation.
+  d.cache_dir = ""  # Token cache; "" = $MOEX_CACHE_DIR or ~/.cache/moex/tokens.
+  d.seq_len = 256  # Tokens per training sequence L.
+  d.batch_size = 16  # Global batch B, in sequences; divisible by the process count.
+  d.eval_batches = 8  # Validation batches per evaluation (the same ones every time).
+
+  c.opt = o = ml_collections.ConfigDict()
+  o.learning_rate = 3e-3  # Peak learning rate of AdamW.
+  o.warmup_steps = 50  # Linear warmup from 0.
+  o.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate * min_lr_ratio.
+  o.weight_decay = 0.1  # Decoupled weight decay on matrices (not norms).
+  o.b1 = 0.9  # Adam beta1.
+  o.b2 = 0.95  # Adam beta2.
+  o.eps = 1e-8  # Adam epsilon.
+  o.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 600  # Total optimizer steps (cosine schedule length).
+  t.log_every = 25  # Steps between train lines in metrics.jsonl / moe_stats.jsonl.
+  t.eval_every = 200  # Steps between evaluations (also at step 0 and the last step).
+  t.checkpoint_every = 200  # Steps between checkpoints (also at the last step).
+  t.keep_checkpoints = 3  # Checkpoints kept on disk.
+  t.async_checkpointing = True  # Write checkpoints in a background thread.
+  t.progress_seconds = 10.0  # A progress line at least this often.
+
+  c.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Mesh axis sizes; one may be -1 = all remaining devices.
+  mesh.fsdp = 1
+  mesh.expert = 1
+  mesh.tensor = 1
+  # Logical axis -> mesh axes. The one table that decides every partitioning.
+  mesh.rules = (
+      ("batch", ("data", "fsdp", "expert")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("expert", "expert"),
+      ("expert_mlp", "tensor"),
+  )
+  return c

@@ -1,0 +1,234 @@
+"""Validation of an experiment ConfigDict into frozen, typed views.
+
+Every module receives one of these dataclasses, never the loose ConfigDict, so a bad value
+fails here, before anything is compiled, with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+ROUTERS = ("topk_softmax",)
+DISPATCHES = ("capacity", "dropless")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled")
+AUX_REDUCES = ("mean", "sum")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line that names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  first_dense_layers: int
+  moe_every: int
+  rope_theta: float
+  norm_eps: float
+  init_std: float
+  dtype: str
+  param_dtype: str
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether block i uses an MoE feed-forward block."""
+    return i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  num_experts: int
+  top_k: int
+  d_expert: int
+  router: str
+  dispatch: str
+  capacity_factor: float
+  eval_capacity_factor: float
+  min_capacity: int
+  load_balance_weight: float
+  z_loss_weight: float
+  aux_reduce: str
+  grouped_matmul: str
+
+  def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
+    """Per-expert buffer size C = max(ceil(cf * S * K / E), min_capacity) for a group of S."""
+    c = math.ceil(capacity_factor * tokens_per_group * self.top_k / self.num_experts)
+    return max(c, self.min_capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str
+  tokenizer: str
+  val_fraction: float
+  cache_dir: str
+  seq_len: int
+  batch_size: int
+  eval_batches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  learning_rate: float
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  async_checkpointing: bool
+  progress_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  expert: int
+  tensor: int
+  rules: tuple[tuple[str, Any], ...]
+
+  @property
+  def shape(self) -> dict[str, int]:
+    return {a: getattr(self, a) for a in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  model: ModelConfig
+  moe: MoEConfig
+  data: DataConfig
+  opt: OptConfig
+  train: TrainConfig
+  mesh: MeshConfig
+
+
+def _view(cls, section: str, cd: ml_collections.ConfigDict, **overrides):
+  """Builds dataclass `cls` from ConfigDict section; unknown or missing keys are errors."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  given = set(cd.keys()) | set(overrides)
+  for k in sorted(given - names):
+    raise ConfigError(f"{section}.{k}: unknown key (known: {', '.join(sorted(names))})")
+  for k in sorted(names - given):
+    raise ConfigError(f"{section}.{k}: missing")
+  values = {k: cd[k] for k in cd.keys()}
+  values.update(overrides)
+  return cls(**values)
+
+
+def _check(cond: bool, key: str, reason: str) -> None:
+  if not cond:
+    raise ConfigError(f"{key}: {reason}")
+
+
+def _positive(section, obj, *names) -> None:
+  for n in names:
+    v = getattr(obj, n)
+    _check(v > 0, f"{section}.{n}", f"must be > 0, got {v!r}")
+
+
+def _one_of(key, value, allowed) -> None:
+  _check(value in allowed, key, f"unknown value {value!r} (known: {', '.join(allowed)})")
+
+
+def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Config:
+  """Checks `cd` and returns typed views; raises ConfigError with a one-line reason.
+
+  `vocab_size` is the tokenizer's; it fills model.vocab_size when that is 0.
+  """
+  for section in ("model", "moe", "data", "opt", "train", "mesh"):
+    _check(section in cd, section, "missing section")
+  model = _view(ModelConfig, "model", cd.model)
+  if model.vocab_size == 0 and vocab_size is not None:
+    model = dataclasses.replace(model, vocab_size=vocab_size)
+  moe = _view(MoEConfig, "moe", cd.moe)
+  data = _view(DataConfig, "data", cd.data)
+  opt = _view(OptConfig, "opt", cd.opt)
+  train = _view(TrainConfig, "train", cd.train)
+  mesh = _view(MeshConfig, "mesh", cd.mesh,
+               rules=tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                           for k, v in cd.mesh.rules))
+
+  _positive("model", model, "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "d_ff", "moe_every", "rope_theta", "norm_eps", "init_std")
+  _check(model.vocab_size >= 0, "model.vocab_size", "must be >= 0")
+  if vocab_size is not None:
+    _check(model.vocab_size >= vocab_size, "model.vocab_size",
+           f"{model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+  _check(model.num_heads % model.num_kv_heads == 0, "model.num_kv_heads",
+         f"{model.num_kv_heads} does not divide model.num_heads={model.num_heads}")
+  _check(model.head_dim % 2 == 0, "model.head_dim", "must be even (rotary embeddings)")
+  _check(0 <= model.first_dense_layers <= model.num_layers, "model.first_dense_layers",
+         f"must be in [0, model.num_layers={model.num_layers}]")
+  _one_of("model.dtype", model.dtype, DTYPES)
+  _one_of("model.param_dtype", model.param_dtype, DTYPES)
+
+  _positive("moe", moe, "num_experts", "top_k", "d_expert")
+  _check(moe.top_k <= moe.num_experts, "moe.top_k",
+         f"{moe.top_k} must be <= moe.num_experts={moe.num_experts}")
+  _one_of("moe.router", moe.router, ROUTERS)
+  _one_of("moe.dispatch", moe.dispatch, DISPATCHES)
+  _one_of("moe.grouped_matmul", moe.grouped_matmul, GROUPED_MATMULS)
+  _one_of("moe.aux_reduce", moe.aux_reduce, AUX_REDUCES)
+  _check(moe.capacity_factor > 0, "moe.capacity_factor",
+         f"must be > 0, got {moe.capacity_factor!r}")
+  _check(moe.eval_capacity_factor >= 0, "moe.eval_capacity_factor",
+         f"must be >= 0 (0 = dropless), got {moe.eval_capacity_factor!r}")
+  _check(moe.min_capacity >= 0, "moe.min_capacity", "must be >= 0")
+  _check(moe.load_balance_weight >= 0, "moe.load_balance_weight", "must be >= 0")
+  _check(moe.z_loss_weight >= 0, "moe.z_loss_weight", "must be >= 0")
+
+  _positive("data", data, "seq_len", "batch_size", "eval_batches")
+  _check(0 < data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+  _check(bool(data.source.strip()), "data.source", "must name 'stdlib' or files")
+
+  _positive("opt", opt, "learning_rate", "eps")
+  _check(opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")
+  _check(0 <= opt.min_lr_ratio <= 1, "opt.min_lr_ratio", "must be in [0, 1]")
+  _check(opt.grad_clip >= 0, "opt.grad_clip", "must be >= 0 (0 disables clipping)")
+
+  _positive("train", train, "steps", "log_every", "eval_every", "checkpoint_every",
+            "keep_checkpoints", "progress_seconds")
+
+  sizes = mesh.shape
+  for a, s in sizes.items():
+    _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}")
+  _check(sum(s == -1 for s in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
+  for logical, axes in mesh.rules:
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      _check(a is None or a in MESH_AXES, f"mesh.rules[{logical}]",
+             f"unknown mesh axis {a!r} (known: {', '.join(MESH_AXES)})")
+
+  return Config(seed=int(cd.seed), model=model, moe=moe, data=data, opt=opt, train=train,
+                mesh=mesh)
+
+
+def to_dict(cd: ml_collections.ConfigDict) -> dict:
+  """The resolved config as plain JSON-able data."""
+  return cd.to_dict()

@@ -1,0 +1,243 @@
+"""Packed next-token windows, grain iterators, and their checkpoint args.
+
+Letters: B = batch per process, L = sequence length (windows hold L + 1 tokens,
+the extra one being the last target).
+
+How the trainer checkpoints the train iterator next to its state, in one orbax
+manager (the grain handler is found through the args types, so `item_handlers`
+is optional; passing it makes restoring without a prior save explicit):
+
+  mngr = ocp.CheckpointManager(
+      workdir, options=ocp.CheckpointManagerOptions(...),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": pipeline.data_checkpoint_handler()})
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=pipeline.data_save_args(data.train_iter)))
+  ...
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=pipeline.data_restore_args(data.train_iter)))
+  # data.train_iter now continues from the saved position (it is restored in
+  # place; restored["data"] is the same object).
+
+The iterator position is read synchronously inside `mngr.save`, so it is safe to
+keep calling next() while an async save is in flight. Each process writes its
+own `data/process_{i}-of-{n}.json`; restoring needs the same process count.
+"""
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+import grain
+import numpy as np
+
+from moex.data import sources
+from moex.data import tokenizer as tokenizer_lib
+
+# Tokens live in memory (mmap), so a couple of threads and a short buffer keep
+# the host ahead of the device without holding hundreds of batches.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+class PackedWindows:
+  """Random-access source of overlapping-by-one windows over a token stream.
+
+  Window i is tokens[i*L : i*L + L + 1]: inputs are [:-1], targets [1:].
+  Documents are packed back to back; BOS/EOS mark their boundaries.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    if tokens.ndim != 1:
+      raise ValueError(f"PackedWindows: tokens must be 1-D, got {tokens.shape}")
+    if seq_len < 1:
+      raise ValueError(f"PackedWindows: seq_len must be >= 1, got {seq_len}")
+    self.tokens = tokens
+    self.seq_len = seq_len
+
+  def __len__(self) -> int:
+    return max(0, (self.tokens.shape[0] - 1) // self.seq_len)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"PackedWindows: index {index} out of range {len(self)}")
+    start = index * self.seq_len
+    return np.asarray(self.tokens[start : start + self.seq_len + 1], np.int32)
+
+  def __repr__(self) -> str:
+    return f"PackedWindows(tokens={self.tokens.shape[0]}, seq_len={self.seq_len})"
+
+
+def _as_example(tokens_BxL1: np.ndarray) -> dict[str, np.ndarray]:
+  return {"tokens": tokens_BxL1}
+
+
+def _process_windows(
+    tokens: np.ndarray, seq_len: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+  """This process's strided share of all windows (disjoint across processes)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f"data: process_index {process_index} not in [0, {process_count})"
+    )
+  windows = grain.MapDataset.source(PackedWindows(tokens, seq_len))
+  return windows[process_index::process_count]
+
+
+def train_iterator(
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_per_process: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+  """Endless, checkpointable iterator of {"tokens": int32 [B, L + 1]}."""
+  windows = _process_windows(tokens, seq_len, process_index, process_count)
+  if len(windows) < batch_per_process:
+    raise ValueError(
+        f"data.batch_size: {batch_per_process} sequences per process but the"
+        f" train split holds only {len(windows)} windows of {seq_len + 1} tokens"
+        f" per process ({tokens.shape[0]} tokens, {process_count} processes)"
+    )
+  # shuffle before repeat: repeat reseeds the shuffle each epoch. The other
+  # order shuffles indices of an infinite range and is not a per-epoch
+  # permutation.
+  ds = (
+      windows.shuffle(seed=seed)
+      .repeat()
+      .batch(batch_per_process, drop_remainder=True)
+      .map(_as_example)
+  )
+  return iter(ds.to_iter_dataset(_READ_OPTIONS))
+
+
+def eval_batches(
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_per_process: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` unshuffled batches of this process's windows."""
+  windows = _process_windows(tokens, seq_len, process_index, process_count)
+  available = len(windows) // batch_per_process
+  if available < 1:
+    raise ValueError(
+        f"data.batch_size: {batch_per_process} sequences per process but the"
+        f" validation split holds only {len(windows)} windows of {seq_len + 1}"
+        f" tokens per process; raise data.val_fraction or lower the batch size"
+    )
+  if num_batches > available:
+    logging.warning(
+        "data.eval_batches: %d requested but validation holds only %d batches"
+        " of %d; using %d",
+        num_batches, available, batch_per_process, available,
+    )
+    num_batches = available
+  batches = []
+  for b in range(num_batches):
+    rows = range(b * batch_per_process, (b + 1) * batch_per_process)
+    batches.append(_as_example(np.stack([windows[i] for i in rows])))
+  return batches
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Typed, checked view of config.data."""
+
+  source: str = "stdlib"
+  val_fraction: float = 0.05
+  tokenizer: str = "byte"
+  cache_dir: str = ""
+  eval_batches: int = 8
+
+  @classmethod
+  def from_config(cls, config_data: Any) -> "DataConfig":
+    """Reads config.data (a ConfigDict or moex.config.DataConfig) and checks it."""
+    # getattr, not keys(): both the ConfigDict and the typed view work, and
+    # fields the trainer keeps under config.data (seq_len, ...) are ignored.
+    cfg = cls(**{
+        f.name: getattr(config_data, f.name, f.default)
+        for f in dataclasses.fields(cls)
+    })
+    if not 0.0 < cfg.val_fraction < 1.0:
+      raise ValueError(
+          f"data.val_fraction: must be in (0, 1), got {cfg.val_fraction}"
+      )
+    if cfg.eval_batches < 1:
+      raise ValueError(f"data.eval_batches: must be >= 1, got {cfg.eval_batches}")
+    return cfg
+
+
+@dataclasses.dataclass
+class Data:
+  """Everything the trainer needs from the data side."""
+
+  train_iter: grain.DatasetIterator
+  eval_batches: list[dict[str, np.ndarray]]
+  tokenizer: tokenizer_lib.Tokenizer
+  train_tokens: int
+  val_tokens: int
+
+
+def build(
+    config_data: Any,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Data:
+  """Resolves, splits, tokenizes (cached) and wraps config.data for training."""
+  cfg = DataConfig.from_config(config_data)
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"data.batch_size: global batch {global_batch_size} is not divisible by"
+        f" {process_count} processes"
+    )
+  batch_per_process = global_batch_size // process_count
+  tok = tokenizer_lib.get_tokenizer(cfg.tokenizer)
+  files = sources.resolve_files(cfg.source)
+  train_files, val_files = sources.split_files(files, cfg.val_fraction)
+  logging.info(
+      "data: %d files from %r -> %d train, %d validation",
+      len(files), cfg.source, len(train_files), len(val_files),
+  )
+  train_tokens = sources.tokenized_array(train_files, tok, cfg.cache_dir, "train")
+  val_tokens = sources.tokenized_array(val_files, tok, cfg.cache_dir, "val")
+  return Data(
+      train_iter=train_iterator(
+          train_tokens, seq_len, batch_per_process, seed,
+          process_index, process_count,
+      ),
+      eval_batches=eval_batches(
+          val_tokens, seq_len, batch_per_process, cfg.eval_batches,
+          process_index, process_count,
+      ),
+      tokenizer=tok,
+      train_tokens=int(train_tokens.shape[0]),
+      val_tokens=int(val_tokens.shape[0]),
+  )
+
+
+def data_checkpoint_handler() -> grain.checkpoint.CheckpointHandler:
+  """The orbax item handler for the "data" item (see the module docstring)."""
+  return grain.checkpoint.CheckpointHandler()
+
+
+def data_save_args(
+    iterator: grain.DatasetIterator,
+) -> grain.checkpoint.CheckpointSave:
+  """Orbax save args for a grain iterator, for use in ocp.args.Composite."""
+  return grain.checkpoint.CheckpointSave(iterator)
+
+
+def data_restore_args(
+    iterator: grain.DatasetIterator,
+) -> grain.checkpoint.CheckpointRestore:
+  """Orbax restore args that set `iterator`'s position in place."""
+  return grain.checkpoint.CheckpointRestore(iterator)

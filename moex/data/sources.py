@@ -1,0 +1,180 @@
+"""Text sources: which files, how they split, and their cached token arrays."""
+
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import sysconfig
+import tempfile
+import zlib
+from collections.abc import Sequence
+
+from absl import logging
+import numpy as np
+
+from moex.data import tokenizer as tokenizer_lib
+
+_GLOB_CHARS = frozenset("*?[")
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
+_CRC_BUCKETS = 10_000
+
+
+def _stdlib_files() -> list[pathlib.Path]:
+  """Every *.py file of the running Python's standard library."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = []
+  for path in root.rglob("*.py"):
+    # Installed packages live under the stdlib dir too; they are not stdlib.
+    if _EXCLUDED_DIRS.isdisjoint(path.relative_to(root).parts) and path.is_file():
+      files.append(path)
+  return sorted(files)
+
+
+def _expand(pattern: str) -> list[pathlib.Path]:
+  """Files named by one path or glob pattern."""
+  pattern = os.path.expanduser(pattern)
+  if _GLOB_CHARS.isdisjoint(pattern):
+    path = pathlib.Path(pattern)
+    if path.is_dir():
+      raise FileNotFoundError(
+          f"data.source: {path} is a directory; name files or a glob such as"
+          f" '{path}/**/*.py'"
+      )
+    if not path.is_file():
+      raise FileNotFoundError(f"data.source: file not found: {path}")
+    return [path]
+  return [pathlib.Path(p) for p in glob.glob(pattern, recursive=True)
+          if os.path.isfile(p)]
+
+
+def resolve_files(spec: str) -> list[pathlib.Path]:
+  """Returns the sorted, deduplicated absolute files named by `spec`.
+
+  `spec` is "stdlib" or comma-separated paths / glob patterns ("~" and "**" ok).
+  """
+  if spec.strip() == "stdlib":
+    files = _stdlib_files()
+  else:
+    files = []
+    for part in spec.split(","):
+      if part.strip():
+        files.extend(_expand(part.strip()))
+  files = sorted({f.absolute() for f in files})
+  if not files:
+    raise FileNotFoundError(f"data.source: no files match {spec!r}")
+  return files
+
+
+def _crc(path: pathlib.Path, root: pathlib.Path) -> int:
+  return zlib.crc32(path.relative_to(root).as_posix().encode("utf-8"))
+
+
+def split_files(
+    files: Sequence[pathlib.Path], val_fraction: float
+) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+  """Splits files into (train, validation) by a hash of their relative path.
+
+  A file's side depends only on its path relative to the files' common root,
+  so adding files never moves others, unlike a seeded random split.
+  """
+  if not 0.0 <= val_fraction <= 1.0:
+    raise ValueError(
+        f"data.val_fraction: must be in [0, 1], got {val_fraction}"
+    )
+  files = sorted(pathlib.Path(f).absolute() for f in files)
+  if len(files) < 2:
+    raise ValueError(
+        "data.source: need at least 2 files to split into train and validation"
+    )
+  root = pathlib.Path(os.path.commonpath([f.parent for f in files]))
+  crcs = {f: _crc(f, root) % _CRC_BUCKETS for f in files}
+  threshold = val_fraction * _CRC_BUCKETS
+  train = [f for f in files if crcs[f] >= threshold]
+  val = [f for f in files if crcs[f] < threshold]
+  # Keep both sides usable, moving the file closest to the threshold.
+  if not val:
+    moved = min(train, key=lambda f: (crcs[f], f))
+    train.remove(moved)
+    val.append(moved)
+  elif not train:
+    moved = max(val, key=lambda f: (crcs[f], f))
+    val.remove(moved)
+    train.append(moved)
+  return train, val
+
+
+def default_cache_dir() -> pathlib.Path:
+  """$MOEX_CACHE_DIR if set, else ~/.cache/moex/tokens."""
+  env = os.environ.get("MOEX_CACHE_DIR")
+  if env:
+    return pathlib.Path(env).expanduser()
+  return pathlib.Path("~/.cache/moex/tokens").expanduser()
+
+
+def _cache_key(
+    files: Sequence[pathlib.Path], tokenizer: tokenizer_lib.Tokenizer
+) -> str:
+  """A short hash of everything the token array depends on."""
+  stats = [os.stat(f) for f in files]
+  desc = {
+      "tokenizer": tokenizer.name,
+      "vocab_size": tokenizer.vocab_size,
+      "files": [[str(f), s.st_size, s.st_mtime_ns] for f, s in zip(files, stats)],
+  }
+  blob = json.dumps(desc, sort_keys=True).encode("utf-8")
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _tokenize(
+    files: Sequence[pathlib.Path], tokenizer: tokenizer_lib.Tokenizer
+) -> np.ndarray:
+  """[BOS] + encode(file) + [EOS] for each file, concatenated."""
+  pieces = []
+  bos = np.array([tokenizer.bos_id], np.uint16)
+  eos = np.array([tokenizer.eos_id], np.uint16)
+  for f in files:
+    pieces += [bos, tokenizer.encode(f.read_bytes()).astype(np.uint16), eos]
+  return np.concatenate(pieces)
+
+
+def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+  """Writes `array` to `path` so that readers never see a partial file."""
+  # A unique temp name per writer: several processes may fill one cache.
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, array)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def tokenized_array(
+    files: Sequence[pathlib.Path],
+    tokenizer: tokenizer_lib.Tokenizer,
+    cache_dir: str,
+    name: str,
+) -> np.ndarray:
+  """Returns the 1-D uint16 tokens of `files`, memory-mapped from a cache."""
+  if tokenizer.vocab_size > np.iinfo(np.uint16).max + 1:
+    raise ValueError(
+        f"data.tokenizer: vocab_size {tokenizer.vocab_size} does not fit uint16"
+    )
+  files = [pathlib.Path(f) for f in files]
+  cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+  cache.mkdir(parents=True, exist_ok=True)
+  path = cache / f"{name}-{_cache_key(files, tokenizer)}.npy"
+  if path.exists():
+    logging.info("reusing cached tokens %s", path)
+  else:
+    tokens = _tokenize(files, tokenizer)
+    _save_atomic(path, tokens)
+    logging.info(
+        "tokenized %d files (%d tokens) -> %s", len(files), tokens.size, path
+    )
+  return np.load(path, mmap_mode="r")

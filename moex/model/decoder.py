@@ -1,0 +1,61 @@
+"""The Mixtral-style decoder: embed -> blocks (attention, then dense or MoE FFN) -> logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moex.config import ModelConfig, MoEConfig
+from moex.model.layers import Attention, Embed, RMSNorm, SwiGLU, normal, param
+from moex.moe.layer import MoEBlock
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block; the feed-forward part is dense SwiGLU or MoE."""
+
+  def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    self.is_moe = is_moe
+    if is_moe:
+      self.ffn = MoEBlock(cfg, moe_cfg, rngs)
+    else:
+      self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, dict | None]:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+    h_BxLxD = self.ffn_norm(x_BxLxD)
+    if self.is_moe:
+      y_BxLxD, stats = self.ffn(h_BxLxD, train=train)
+    else:
+      y_BxLxD, stats = self.ffn(h_BxLxD), None
+    return x_BxLxD + y_BxLxD, stats
+
+
+class Decoder(nnx.Module):
+  """Decoder-only transformer; returns float32 logits [B, L, V] and stacked MoE stats."""
+
+  def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs):
+    self.embed = Embed(cfg, rngs)
+    # Named attributes (not a list) keep checkpoint keys readable: block_0, block_1, ...
+    self.num_layers = cfg.num_layers
+    for i in range(cfg.num_layers):
+      setattr(self, f"block_{i}", Block(cfg, moe_cfg, cfg.is_moe_layer(i), rngs))
+    self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    self.unembed_DxV = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
+                             jnp.dtype(cfg.param_dtype), ("embed", "vocab"))
+
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
+    x_BxLxD = self.embed(tokens_BxL)
+    moe_stats = []
+    for i in range(self.num_layers):
+      x_BxLxD, stats = getattr(self, f"block_{i}")(x_BxLxD, train=train)
+      if stats is not None:
+        moe_stats.append(stats)
+    x_BxLxD = self.final_norm(x_BxLxD)
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD,
+                              self.unembed_DxV[...].astype(x_BxLxD.dtype))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_stats) if moe_stats else {}
+    return logits_BxLxV.astype(jnp.float32), stacked

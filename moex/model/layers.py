@@ -1,0 +1,104 @@
+"""Decoder building blocks: embedding, RMSNorm, rotary attention with GQA, SwiGLU.
+
+Shape letters: B batch, L length, D model width, V vocabulary, H query heads,
+J key/value heads, A head width, F feed-forward hidden width.
+Parameters carry logical axis names (`sharding_names`); moex/parallel/sharding.py maps
+them to mesh axes with the config's rules.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moex.config import ModelConfig
+
+
+def normal(std: float):
+  return nnx.initializers.normal(stddev=std)
+
+
+def param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
+  """A parameter initialised by `init` with logical axis `names`."""
+  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.table_VxD = param(rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                           jnp.dtype(cfg.param_dtype), ("vocab", "embed"))
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.table_VxD[...], tokens_BxL, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale, computed in float32."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+    del rngs
+    self.scale_D = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)),
+                             sharding_names=("norm",))
+    self.eps = cfg.norm_eps
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def rotary(x_BxLxHxA: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Applies rotary position embeddings (the split-halves form of GPT-NeoX / Llama)."""
+  a = x_BxLxHxA.shape[-1]
+  freq = theta ** (-jnp.arange(0, a, 2, dtype=jnp.float32) / a)
+  angle_BxLxA2 = positions_BxL[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_BxLxA2)[:, :, None, :], jnp.cos(angle_BxLxA2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxA.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxA.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, j, a = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.q_DxHxA = param(rngs, normal(cfg.init_std), (d, h, a), pd, ("embed", "heads", None))
+    self.k_DxJxA = param(rngs, normal(cfg.init_std), (d, j, a), pd, ("embed", "kv_heads", None))
+    self.v_DxJxA = param(rngs, normal(cfg.init_std), (d, j, a), pd, ("embed", "kv_heads", None))
+    self.o_HxAxD = param(rngs, normal(out_std), (h, a, d), pd, ("heads", None, "embed"))
+    self.theta = cfg.rope_theta
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    dt = x_BxLxD.dtype
+    b, l, _ = x_BxLxD.shape
+    pos_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    q = jnp.einsum("bld,dha->blha", x_BxLxD, self.q_DxHxA[...].astype(dt))
+    k = jnp.einsum("bld,dja->blja", x_BxLxD, self.k_DxJxA[...].astype(dt))
+    v = jnp.einsum("bld,dja->blja", x_BxLxD, self.v_DxJxA[...].astype(dt))
+    q, k = rotary(q, pos_BxL, self.theta), rotary(k, pos_BxL, self.theta)
+    out_BxLxHxA = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jnp.einsum("blha,had->bld", out_BxLxHxA, self.o_HxAxD[...].astype(dt))
+
+
+class SwiGLU(nnx.Module):
+  """Dense SwiGLU feed-forward block: (silu(x Wg) * x Wu) Wd."""
+
+  def __init__(self, d_model: int, d_ff: int, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.gate_DxF = param(rngs, normal(cfg.init_std), (d_model, d_ff), pd, ("embed", "mlp"))
+    self.up_DxF = param(rngs, normal(cfg.init_std), (d_model, d_ff), pd, ("embed", "mlp"))
+    self.down_FxD = param(rngs, normal(out_std), (d_ff, d_model), pd, ("mlp", "embed"))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    dt = x_BxLxD.dtype
+    g = x_BxLxD @ self.gate_DxF[...].astype(dt)
+    u = x_BxLxD @ self.up_DxF[...].astype(dt)
+    return (jax.nn.silu(g) * u) @ self.down_FxD[...].astype(dt)

@@ -1,0 +1,89 @@
+"""Capacity-factor statistics: counted on device every step, turned into JSON at log steps.
+
+Device side: `layer_stats` returns a dict of small arrays per MoE layer; the train step
+sums them over a logging window (`accumulate`), so nothing leaves the device between log
+steps. Host side: `records` turns one window into the `moe_stats.jsonl` lines.
+
+Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
+  step, split, layer, tokens, num_experts, top_k, dispatch, capacity (per expert and
+  sequence; null when dropless), capacity_factor (null when dropless), expert_load (E ints,
+  before dropping), expert_kept (E ints, after), dropped_fraction (1 - kept/load),
+  needed_capacity_factor (smallest factor that would have dropped nothing in any sequence
+  of the window), router_entropy (mean nats over tokens, full distribution over E),
+  load_balance_loss, z_loss (means over the window's steps), train_capacity_factor and
+  train_capacity_dropped_fraction (what the training capacity drops/would drop on these
+  tokens; on eval lines this answers "what would training have dropped here").
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# How each field combines across the steps of a logging window.
+_MAX_FIELDS = ("max_group_load",)
+
+
+def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
+                entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array) -> dict:
+  """One MoE layer's counts for one step (all on device)."""
+  return {
+      "expert_load": jnp.sum(load_GxE, axis=0),
+      "expert_kept": kept_E.astype(jnp.int32),
+      "train_capacity_kept": jnp.sum(jnp.minimum(load_GxE, train_capacity), axis=0),
+      "max_group_load": jnp.max(load_GxE),
+      "entropy_sum": entropy_sum.astype(jnp.float32),
+      "load_balance_loss": lb_loss.astype(jnp.float32),
+      "z_loss": z.astype(jnp.float32),
+      "steps": jnp.ones((), jnp.int32),
+  }
+
+
+def accumulate(acc: dict, new: dict) -> dict:
+  """Adds one step's stats to the window (max for the max fields)."""
+  return {k: (jnp.maximum(acc[k], new[k]) if k in _MAX_FIELDS else acc[k] + new[k])
+          for k in acc}
+
+
+def zeros_like(stats: dict) -> dict:
+  return jax.tree.map(jnp.zeros_like, stats)
+
+
+def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_k: int,
+            dispatch: str, capacity: int | None, capacity_factor: float | None,
+            train_capacity: int, train_capacity_factor: float,
+            tokens_per_group: int) -> list[dict]:
+  """The moe_stats.jsonl lines of one window; `stats` holds host arrays [num_moe_layers,...]."""
+  out = []
+  for i, layer in enumerate(layers):
+    s = {k: np.asarray(v[i]) for k, v in stats.items()}
+    load = s["expert_load"].astype(np.int64)
+    kept = s["expert_kept"].astype(np.int64)
+    total = int(load.sum())
+    e = load.shape[0]
+    steps = max(int(s["steps"]), 1)
+    tokens = total // top_k
+    out.append({
+        "step": step,
+        "split": split,
+        "layer": layer,
+        "tokens": tokens,
+        "num_experts": e,
+        "top_k": top_k,
+        "dispatch": dispatch,
+        "capacity": capacity,
+        "capacity_factor": capacity_factor,
+        "expert_load": load.tolist(),
+        "expert_kept": kept.tolist(),
+        "dropped_fraction": 1.0 - kept.sum() / total if total else 0.0,
+        "needed_capacity_factor": float(s["max_group_load"]) * e / (tokens_per_group * top_k),
+        "router_entropy": float(s["entropy_sum"]) / max(tokens, 1),
+        "load_balance_loss": float(s["load_balance_loss"]) / steps,
+        "z_loss": float(s["z_loss"]) / steps,
+        "train_capacity": train_capacity,
+        "train_capacity_factor": train_capacity_factor,
+        "train_capacity_dropped_fraction":
+            1.0 - int(s["train_capacity_kept"].sum()) / total if total else 0.0,
+    })
+  return out

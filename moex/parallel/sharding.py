@@ -1,0 +1,72 @@
+"""Logical axis names -> mesh axes. Every partitioning decision goes through this file.
+
+Modules only name the logical axes of a tensor ("embed", "expert", "batch", ...); the
+config's `mesh.rules` table says which mesh axes each one is split over.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Iterable[tuple[str, Any]]
+
+
+def logical_to_spec(names: Iterable[str | None], rules: Rules, mesh: Mesh,
+                    shape: tuple[int, ...] | None = None) -> P:
+  """A PartitionSpec for a tensor with logical axis `names`.
+
+  A mesh axis is used at most once per tensor, and a dimension that its mesh axes do not
+  divide stays replicated rather than failing (logged once).
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(names):
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    size = 1
+    for a in axes:
+      size *= mesh.shape[a]
+    if shape is not None and axes and shape[dim] % size:
+      logging.warning("dimension %d (%s, size %d) not divisible by mesh axes %s; replicated",
+                      dim, name, shape[dim], axes)
+      axes = ()
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, rules: Rules, mesh: Mesh) -> Any:
+  """NamedShardings for every variable of an NNX state, as a pure dict."""
+
+  def one(var):
+    names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.value.shape))
+
+  shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(rules: Rules, mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """The batch is split over the `batch` rule's axes; other dims replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_shards(rules: Rules, mesh: Mesh) -> int:
+  """How many ways the batch dimension is split."""
+  spec = batch_sharding(rules, mesh).spec[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return n

@@ -1,0 +1,59 @@
+"""One orbax CheckpointManager for the train state and the data iterator, under DIR/checkpoints.
+
+Every process writes its own shards (orbax) and its own iterator position (grain). Restore
+always passes an abstract target with shardings, so a checkpoint lands on whatever mesh
+the new run uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+from absl import logging
+
+from moex.config import TrainConfig
+from moex.data import pipeline
+
+
+class Checkpointer:
+  """Saves and restores {"state": train state, "data": grain iterator}."""
+
+  def __init__(self, workdir: str, cfg: TrainConfig):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_checkpoints,
+            enable_async_checkpointing=cfg.async_checkpointing,
+            create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": pipeline.data_checkpoint_handler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: dict, data_iter: grain.DatasetIterator) -> None:
+    """Starts writing checkpoint `step` (in the background when async)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=pipeline.data_save_args(data_iter)),
+        force=True)
+    logging.info("checkpoint: saving step %d to %s", step, self.directory)
+
+  def restore(self, step: int, abstract_state: dict,
+              data_iter: grain.DatasetIterator) -> dict:
+    """The state saved at `step`, placed per `abstract_state`'s shardings; the iterator is
+    moved to its saved position in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=pipeline.data_restore_args(data_iter)))
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,259 @@
+"""The training driver: config -> data, model, state -> jitted steps -> outputs in the workdir.
+
+Resumes from the latest checkpoint in DIR/checkpoints when there is one. Stops cleanly on
+SIGTERM/SIGINT (saving a checkpoint first) and with FloatingPointError on a non-finite loss
+(no checkpoint is written after it, so the last one on disk is good).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from moex import config as config_lib
+from moex.data import pipeline, tokenizer as tokenizer_lib
+from moex.moe import stats as moe_stats
+from moex.parallel import mesh as mesh_lib, sharding
+from moex.train import checkpoint, optimizer, state as state_lib, step as step_lib, writers
+
+
+def prepare(cd: ml_collections.ConfigDict) -> config_lib.Config:
+  """Validates the config (vocab size from the tokenizer) and the device layout."""
+  try:
+    tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  shards = sharding.batch_shards(cfg.mesh.rules, mesh)
+  if cfg.data.batch_size % shards:
+    raise config_lib.ConfigError(
+        f"data.batch_size: {cfg.data.batch_size} is not divisible by the {shards} batch "
+        "shards of the mesh")
+  if cfg.data.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"data.batch_size: {cfg.data.batch_size} is not divisible by "
+        f"{jax.process_count()} processes")
+  return cfg
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    del frame
+    self.signal = signum
+    logging.warning("received signal %d: checkpointing and stopping after this step", signum)
+
+
+@contextlib.contextmanager
+def _handle_signals(flag: _StopFlag):
+  old = {s: signal.signal(s, flag) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the experiment; returns the last eval summary and run facts."""
+  cfg = prepare(cd)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  logging.info("mesh: %s over %d devices (%s), %d processes", dict(mesh.shape),
+               mesh.devices.size, jax.default_backend(), jax.process_count())
+  data = pipeline.build(cfg.data, cfg.data.seq_len, cfg.data.batch_size, cfg.seed,
+                        jax.process_index(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    resolved = cd.to_dict()
+    resolved["model"]["vocab_size"] = cfg.model.vocab_size
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(resolved, f, indent=2, default=str)
+
+  tx, lr_schedule = optimizer.make(cfg.opt, cfg.train.steps)
+  # Shardings are explicit NamedShardings from the config's rules: no mesh context needed.
+  model, init_fn = state_lib.build(cfg, tx, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = init_fn(cfg.seed)
+  else:
+    state = ckpt.restore(latest, model.abstract_state, data.train_iter)
+  logging.info("model: %.2fM parameters, MoE layers %s", state_lib.param_count(state) / 1e6,
+               list(cfg.model.moe_layers))
+  runner = _Runner(cfg, mesh, model, data, tx, lr_schedule, workdir, ckpt, latest)
+  try:
+    return runner.run(state)
+  finally:
+    runner.writer.close()
+    ckpt.close()
+
+
+class _Runner:
+  """Holds the compiled steps and writers of one run."""
+
+  def __init__(self, cfg, mesh, model, data, tx, lr_schedule, workdir, ckpt, latest):
+    self.cfg, self.mesh, self.model, self.data = cfg, mesh, model, data
+    self.lr_schedule, self.ckpt = lr_schedule, ckpt
+    self.writer = writers.Writer(workdir, resume_step=latest)
+    self.batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
+    rep = sharding.replicated(mesh)
+    b, l1 = cfg.data.batch_size, cfg.data.seq_len + 1
+    abs_tokens = jax.ShapeDtypeStruct((b, l1), jnp.int32, sharding=self.batch_sh)
+
+    train_core, train_step = step_lib.make_train_step(cfg, model.graphdef, tx)
+    acc_shapes = jax.eval_shape(train_core, model.abstract_state, abs_tokens)[1]
+    self.train_acc_zeros = jax.jit(lambda: step_lib.zeros_like_tree(acc_shapes),
+                                   out_shardings=rep)
+    t0 = time.time()
+    self.train_step = jax.jit(
+        train_step, in_shardings=(model.state_shardings, rep, self.batch_sh),
+        out_shardings=(model.state_shardings, rep), donate_argnums=(0, 1),
+    ).lower(model.abstract_state, acc_shapes, abs_tokens).compile()
+    logging.info("compiled the train step in %.1fs", time.time() - t0)
+
+    eval_core, eval_step = step_lib.make_eval_step(cfg, model.graphdef,
+                                                   data.tokenizer.token_bytes)
+    p_sh, bf_sh = model.state_shardings["params"], model.state_shardings["buffers"]
+    abs_p, abs_bf = model.abstract_state["params"], model.abstract_state["buffers"]
+    eval_shapes = jax.eval_shape(eval_core, abs_p, abs_bf, abs_tokens)
+    self.eval_acc_zeros = jax.jit(lambda: step_lib.zeros_like_tree(eval_shapes),
+                                  out_shardings=rep)
+    self.eval_step = jax.jit(eval_step, in_shardings=(p_sh, bf_sh, rep, self.batch_sh),
+                             out_shardings=rep, donate_argnums=(2,))
+
+  def _tokens(self, batch: dict) -> jax.Array:
+    return jax.make_array_from_process_local_data(self.batch_sh, batch["tokens"])
+
+  def _moe_records(self, moe_host: dict, step: int, split: str) -> list[dict]:
+    if not moe_host:
+      return []
+    m, l = self.cfg.moe, self.cfg.data.seq_len
+    if split == "train":
+      path = m.dispatch
+      cf = m.capacity_factor if path == "capacity" else None
+    else:
+      cf = m.eval_capacity_factor if m.eval_capacity_factor > 0 else None
+      path = "capacity" if cf else "dropless"
+    return moe_stats.records(
+        moe_host, step=step, split=split, layers=self.cfg.model.moe_layers, top_k=m.top_k,
+        dispatch=path, capacity=m.capacity(l, cf) if cf else None, capacity_factor=cf,
+        train_capacity=m.capacity(l, m.capacity_factor),
+        train_capacity_factor=m.capacity_factor, tokens_per_group=l)
+
+  def evaluate(self, state: dict, step: int) -> dict:
+    t0 = time.time()
+    acc = self.eval_acc_zeros()
+    for batch in self.data.eval_batches:
+      acc = self.eval_step(state["params"], state["buffers"], acc, self._tokens(batch))
+    host = jax.device_get(acc)
+    summary = step_lib.eval_summary(host)
+    seconds = time.time() - t0
+    aux = {"load_balance_loss": None, "z_loss": None}
+    if host["moe"]:
+      n = max(int(np.max(host["moe"]["steps"])), 1)
+      reduce = np.sum if self.cfg.moe.aux_reduce == "sum" else np.mean
+      aux = {k: float(reduce(host["moe"][k])) / n for k in aux}
+    record = {"step": step, "split": "eval", **summary,
+              "learning_rate": float(self.lr_schedule(max(step - 1, 0))), "grad_norm": None,
+              "tokens_per_sec": float(host["scalars"]["tokens"]) / max(seconds, 1e-9), **aux}
+    self.writer.metrics(record)
+    self.writer.moe_stats(self._moe_records(host["moe"], step, "eval"))
+    logging.info("eval  step %d | loss %.4f nats/token | %.4f bits/byte | %.1fs", step,
+                 summary["loss"], summary["bits_per_byte"], seconds)
+    return record
+
+  def run(self, state: dict) -> dict:
+    cfg = self.cfg.train
+    step = int(jax.device_get(state["step"]))
+    total = cfg.steps
+    tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len
+    first_eval = last_eval = None
+    if step == 0:
+      first_eval = last_eval = self.evaluate(state, 0)
+    if step >= total:
+      logging.info("already trained %d >= train.steps=%d steps; evaluating only", step, total)
+      last_eval = self.evaluate(state, step)
+    acc = self.train_acc_zeros()
+    flag = _StopFlag()
+    t_start = t_window = t_progress = time.time()
+    start_step, window_start = step, step
+    with _handle_signals(flag):
+      while step < total and flag.signal is None:
+        state, acc = self.train_step(state, acc, self._tokens(next(self.data.train_iter)))
+        step += 1
+        last = step == total
+        now = time.time()
+        if step % cfg.log_every == 0 or last:
+          host = jax.device_get(acc)
+          acc = self.train_acc_zeros()
+          s = step_lib.train_summary(host)
+          if s["nonfinite"]:
+            self._nonfinite(step)
+          now = time.time()
+          tps = (step - window_start) * tokens_per_step / max(now - t_window, 1e-9)
+          record = {"step": step, "split": "train", "loss": s["loss"],
+                    "cross_entropy": s["cross_entropy"],
+                    "learning_rate": float(self.lr_schedule(step - 1)),
+                    "grad_norm": s["grad_norm"], "tokens_per_sec": tps,
+                    "load_balance_loss": s["load_balance_loss"], "z_loss": s["z_loss"]}
+          self.writer.metrics(record)
+          self.writer.moe_stats(self._moe_records(host["moe"], step, "train"))
+          t_window, window_start = now, step
+          self._progress(step, total, s["loss"], tps, (now - t_start) / (step - start_step))
+          t_progress = now
+        elif now - t_progress >= cfg.progress_seconds:
+          rate = (now - t_start) / (step - start_step)
+          logging.info("step %d/%d | %.0f tok/s | %s left", step, total,
+                       tokens_per_step / rate, _fmt_time(rate * (total - step)))
+          t_progress = now
+        if step % cfg.eval_every == 0 or last:
+          last_eval = self.evaluate(state, step)
+        if step % cfg.checkpoint_every == 0 or last or flag.signal is not None:
+          nonfinite = int(jax.device_get(acc["scalars"]["nonfinite"]))
+          if nonfinite:
+            self._nonfinite(step)
+          self.ckpt.save(step, state, self.data.train_iter)
+        self.writer.flush()
+    self.ckpt.wait()
+    elapsed = time.time() - t_start
+    if flag.signal is not None:
+      logging.warning("stopped by signal %d at step %d; re-run the same command to resume",
+                      flag.signal, step)
+    result = {"step": step, "seconds": elapsed, "stopped": flag.signal is not None,
+              "tokens_per_sec": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+              "final_eval": last_eval, "first_eval": first_eval}
+    if last_eval is not None and step >= total:
+      logging.info("final validation: %.4f bits per byte (loss %.4f nats/token) at step %d",
+                   last_eval["bits_per_byte"], last_eval["loss"], step)
+    return result
+
+  def _progress(self, step, total, loss, tps, sec_per_step):
+    logging.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | %s left", step, total,
+                 loss, float(self.lr_schedule(step - 1)), tps,
+                 _fmt_time(sec_per_step * (total - step)))
+
+  def _nonfinite(self, step: int):
+    self.ckpt.wait()
+    good = self.ckpt.latest_step()
+    raise FloatingPointError(
+        f"non-finite loss at or before step {step}; stopping. Last good checkpoint: "
+        f"{'none' if good is None else f'step {good}'} in {self.ckpt.directory}")

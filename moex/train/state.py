@@ -1,0 +1,72 @@
+"""The train state: a plain dict pytree that orbax saves and jit donates.
+
+  {"step": int32 [], "params": {...}, "buffers": {...}, "opt_state": optax state,
+   "rng": uint32 [2]}
+
+`params` are the trainable nnx.Param values; `buffers` every other NNX variable (state a
+router keeps outside the optimizer). Both are pure dicts; `nnx.merge(graphdef, params,
+buffers)` rebuilds the model inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from moex.config import Config
+from moex.model.decoder import Decoder
+from moex.parallel import sharding
+
+nnx.use_eager_sharding(False)  # Shardings come from the config's rules, applied at init.
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """What the step functions need to rebuild the model, and the state's shardings."""
+
+  graphdef: Any
+  state_shardings: Any  # Same structure as the train state, NamedSharding leaves.
+  abstract_state: Any  # jax.ShapeDtypeStruct leaves with shardings (orbax restore target).
+
+
+def _split(model: Decoder):
+  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, buffers
+
+
+def build(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh):
+  """Returns (Model, init_fn): init_fn(seed) -> a freshly initialised, sharded state."""
+  abstract = nnx.eval_shape(lambda: Decoder(cfg.model, cfg.moe, nnx.Rngs(0)))
+  graphdef, abs_params, abs_buffers = _split(abstract)
+  rules = cfg.mesh.rules
+  param_sh = sharding.state_shardings(abs_params, rules, mesh)
+  buffer_sh = sharding.state_shardings(abs_buffers, rules, mesh)
+  rep = sharding.replicated(mesh)
+
+  def init(key):
+    model = Decoder(cfg.model, cfg.moe, nnx.Rngs(key))
+    _, params, buffers = _split(model)
+    params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": buffers,
+            "opt_state": tx.init(params), "rng": jax.random.key_data(key)}
+
+  abs_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  # Optimizer moments are sharded like the parameters they track; scalars replicated.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_state["opt_state"], param_sh,
+                                 transform_non_params=lambda _: rep)
+  state_sh = {"step": rep, "params": param_sh, "buffers": buffer_sh, "opt_state": opt_sh,
+              "rng": rep}
+  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           abs_state, state_sh)
+  init_fn = jax.jit(lambda seed: init(jax.random.PRNGKey(seed)), out_shardings=state_sh)
+  return Model(graphdef, state_sh, abs_state), init_fn
+
+
+def param_count(state: dict) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(state["params"]))

@@ -1,0 +1,117 @@
+"""The jitted train and eval steps.
+
+The train step also adds its metrics and MoE statistics to a window accumulator that stays
+on device; the loop copies it to the host only at log steps and then resets it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moex.config import Config
+from moex.moe import stats as moe_stats
+
+def _reduce_layers(x_L: jax.Array, how: str) -> jax.Array:
+  return jnp.sum(x_L) if how == "sum" else jnp.mean(x_L)
+
+
+def forward(graphdef, params, buffers, tokens_BxL1: jax.Array, *, train: bool):
+  """Logits for tokens[:, :-1], targets tokens[:, 1:], and stacked MoE stats."""
+  model = nnx.merge(graphdef, params, buffers)
+  logits_BxLxV, moe = model(tokens_BxL1[:, :-1], train=train)
+  return logits_BxLxV, tokens_BxL1[:, 1:], moe
+
+
+def loss_fn(params, buffers, tokens_BxL1, *, graphdef, cfg: Config):
+  """Mean cross-entropy plus the weighted balancing terms; returns (loss, aux)."""
+  logits_BxLxV, targets_BxL, moe = forward(graphdef, params, buffers, tokens_BxL1, train=True)
+  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL))
+  if moe:
+    lb = _reduce_layers(moe["load_balance_loss"], cfg.moe.aux_reduce)
+    z = _reduce_layers(moe["z_loss"], cfg.moe.aux_reduce)
+  else:
+    lb = z = jnp.zeros((), jnp.float32)
+  loss = ce + cfg.moe.load_balance_weight * lb + cfg.moe.z_loss_weight * z
+  return loss, {"cross_entropy": ce, "load_balance_loss": lb, "z_loss": z, "moe": moe}
+
+
+def accumulate(acc: dict, new: dict) -> dict:
+  """Adds one step's {"scalars", "moe"} into the window accumulator."""
+  out = {"scalars": jax.tree.map(jnp.add, acc["scalars"], new["scalars"])}
+  out["moe"] = moe_stats.accumulate(acc["moe"], new["moe"]) if new["moe"] else {}
+  return out
+
+
+def zeros_like_tree(shapes: Any) -> Any:
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> tuple[
+    Callable, Callable]:
+  """Returns (core, step): core(state, tokens) -> (state, one step's metrics);
+  step(state, acc, tokens) -> (state, acc + metrics). Both pure, for jax.jit."""
+  grad_fn = jax.value_and_grad(
+      lambda p, b, t: loss_fn(p, b, t, graphdef=graphdef, cfg=cfg), has_aux=True)
+
+  def core(state: dict, tokens_BxL1: jax.Array):
+    (loss, aux), grads = grad_fn(state["params"], state["buffers"], tokens_BxL1)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    scalars = {"loss": loss, "cross_entropy": aux["cross_entropy"],
+               "load_balance_loss": aux["load_balance_loss"], "z_loss": aux["z_loss"],
+               "grad_norm": optax.global_norm(grads),
+               "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32),
+               "steps": jnp.ones((), jnp.int32)}
+    return new_state, {"scalars": scalars, "moe": aux["moe"]}
+
+  def step(state: dict, acc: dict, tokens_BxL1: jax.Array):
+    new_state, new = core(state, tokens_BxL1)
+    return new_state, accumulate(acc, new)
+
+  return core, step
+
+
+def make_eval_step(cfg: Config, graphdef, token_bytes: np.ndarray) -> tuple[Callable,
+                                                                            Callable]:
+  """Returns (core, step) like make_train_step; step(params, buffers, acc, tokens) -> acc
+  with summed cross-entropy, target tokens, target bytes and MoE statistics."""
+  del cfg
+  token_bytes_V = jnp.asarray(token_bytes, jnp.int32)
+
+  def core(params, buffers, tokens_BxL1: jax.Array):
+    logits_BxLxV, targets_BxL, moe = forward(graphdef, params, buffers, tokens_BxL1,
+                                             train=False)
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    scalars = {"ce_sum": jnp.sum(ce_BxL), "tokens": jnp.asarray(ce_BxL.size, jnp.float32),
+               "bytes": jnp.sum(token_bytes_V[targets_BxL]).astype(jnp.float32)}
+    return {"scalars": scalars, "moe": moe}
+
+  def step(params, buffers, acc: dict, tokens_BxL1: jax.Array):
+    return accumulate(acc, core(params, buffers, tokens_BxL1))
+
+  return core, step
+
+
+def train_summary(acc: dict) -> dict:
+  """Window means of the train scalars (host floats)."""
+  s = {k: np.asarray(v) for k, v in acc["scalars"].items()}
+  n = max(int(s["steps"]), 1)
+  out = {k: float(s[k]) / n for k in ("loss", "cross_entropy", "load_balance_loss", "z_loss",
+                                        "grad_norm")}
+  out["nonfinite"] = int(s["nonfinite"])
+  return out
+
+
+def eval_summary(acc: dict) -> dict:
+  s = {k: float(np.asarray(v)) for k, v in acc["scalars"].items()}
+  loss = s["ce_sum"] / max(s["tokens"], 1.0)
+  bpb = s["ce_sum"] / math.log(2) / max(s["bytes"], 1.0)
+  return {"loss": loss, "bits_per_byte": bpb}

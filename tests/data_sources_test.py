@@ -1,0 +1,154 @@
+"""Tests for moex/data/sources.py."""
+
+import os
+import pathlib
+from unittest import mock
+import zlib
+
+import numpy as np
+import pytest
+
+from moex.data import sources
+from moex.data import tokenizer
+
+
+def _write(root: pathlib.Path, rel: str, text: str = "x = 1\n") -> pathlib.Path:
+  path = root / rel
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  return path
+
+
+def _tree(root: pathlib.Path, n: int = 40) -> list[pathlib.Path]:
+  return [_write(root, f"pkg{i % 3}/mod_{i}.py", f"v = {i}\n") for i in range(n)]
+
+
+# resolve_files
+
+
+def test_resolve_glob_sorted_and_recursive(tmp_path):
+  files = _tree(tmp_path, 9)
+  _write(tmp_path, "notes.txt")
+  got = sources.resolve_files(str(tmp_path / "**" / "*.py"))
+  assert got == sorted(files)
+  assert all(p.is_absolute() for p in got)
+
+
+def test_resolve_comma_separated_dedupes(tmp_path):
+  a = _write(tmp_path, "a.py")
+  b = _write(tmp_path, "sub/b.txt")
+  spec = f"{tmp_path}/*.py, {b},{a},{tmp_path}/sub/*"
+  assert sources.resolve_files(spec) == sorted([a, b])
+
+
+def test_resolve_expands_home(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  a = _write(tmp_path, "corpus/a.py")
+  assert sources.resolve_files("~/corpus/*.py") == [a]
+
+
+def test_resolve_errors_name_data_source(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"^data\.source: no files match '"):
+    sources.resolve_files(str(tmp_path / "*.nothing"))
+  missing = tmp_path / "missing.py"
+  with pytest.raises(FileNotFoundError) as e:
+    sources.resolve_files(str(missing))
+  assert str(e.value) == f"data.source: file not found: {missing}"
+  with pytest.raises(FileNotFoundError, match=r"data\.source: .* is a directory"):
+    sources.resolve_files(str(tmp_path))
+
+
+def test_resolve_stdlib():
+  files = sources.resolve_files("stdlib")
+  assert len(files) > 100
+  assert files == sorted(files)
+  assert any(f.name == "zipfile.py" or f.parent.name == "zipfile" for f in files)
+  assert not any({"site-packages", "dist-packages"} & set(f.parts) for f in files)
+
+
+# split_files
+
+
+def test_split_is_by_relative_path_crc(tmp_path):
+  files = _tree(tmp_path)
+  train, val = sources.split_files(files, 0.25)
+  assert sorted(train + val) == sorted(files) and not set(train) & set(val)
+  for f in files:
+    crc = zlib.crc32(f.relative_to(tmp_path).as_posix().encode()) % 10000
+    assert (f in val) == (crc < 2500)
+
+
+def test_split_deterministic_and_independent_of_root_and_order(tmp_path):
+  rels = [f"d{i % 4}/f{i}.py" for i in range(30)]
+  one = [_write(tmp_path / "one", r) for r in rels]
+  two = [_write(tmp_path / "elsewhere" / "two", r, "other") for r in rels]
+  t1, v1 = sources.split_files(one, 0.3)
+  t2, v2 = sources.split_files(list(reversed(two)), 0.3)
+  rel = lambda fs, root: [f.relative_to(root).as_posix() for f in fs]
+  assert rel(v1, tmp_path / "one") == rel(v2, tmp_path / "elsewhere" / "two")
+  assert rel(t1, tmp_path / "one") == rel(t2, tmp_path / "elsewhere" / "two")
+  # Adding files never moves existing ones.
+  more = one + [_write(tmp_path / "one", f"new/g{i}.py") for i in range(10)]
+  t3, v3 = sources.split_files(more, 0.3)
+  assert set(v1) <= set(v3) and set(t1) <= set(t3)
+
+
+def test_split_keeps_both_sides_non_empty(tmp_path):
+  files = _tree(tmp_path, 5)
+  train, val = sources.split_files(files, 0.0)
+  assert len(val) == 1 and len(train) == 4
+  train, val = sources.split_files(files, 1.0)
+  assert len(train) == 1 and len(val) == 4
+
+
+def test_split_needs_two_files(tmp_path):
+  with pytest.raises(ValueError) as e:
+    sources.split_files([_write(tmp_path, "a.py")], 0.1)
+  assert str(e.value) == (
+      "data.source: need at least 2 files to split into train and validation"
+  )
+
+
+# tokenized_array
+
+
+def test_tokenized_array_layout(tmp_path):
+  tok = tokenizer.ByteTokenizer()
+  a = _write(tmp_path, "a.py", "ab")
+  b = _write(tmp_path, "b.py", "")
+  arr = sources.tokenized_array([a, b], tok, str(tmp_path / "cache"), "train")
+  assert arr.dtype == np.uint16 and arr.ndim == 1
+  assert isinstance(arr, np.memmap)
+  assert arr.tolist() == [257, 97, 98, 258, 257, 258]
+
+
+def test_tokenized_array_cache_reuse_and_invalidation(tmp_path):
+  tok = tokenizer.ByteTokenizer()
+  cache = tmp_path / "cache"
+  files = _tree(tmp_path / "src", 4)
+  with mock.patch.object(sources.logging, "info") as info:
+    first = sources.tokenized_array(files, tok, str(cache), "train")
+    again = sources.tokenized_array(files, tok, str(cache), "train")
+  assert info.call_args_list[0].args[0].startswith("tokenized %d files")
+  assert info.call_args_list[1].args[0].startswith("reusing cached tokens")
+  assert first.filename == again.filename
+  assert os.listdir(cache) == [pathlib.Path(first.filename).name]
+
+  # Changing a file (content, or only its mtime) changes the key.
+  files[0].write_text("changed = True\n")
+  changed = sources.tokenized_array(files, tok, str(cache), "train")
+  assert changed.filename != first.filename
+  assert tok.decode(changed).startswith(b"changed = True\n")
+  st = files[1].stat()
+  os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  touched = sources.tokenized_array(files, tok, str(cache), "train")
+  assert touched.filename not in (first.filename, changed.filename)
+  assert not [p for p in os.listdir(cache) if p.endswith(".tmp")]
+
+
+def test_tokenized_array_default_cache_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path / "env_cache"))
+  files = _tree(tmp_path / "src", 2)
+  arr = sources.tokenized_array(files, tokenizer.ByteTokenizer(), "", "val")
+  assert pathlib.Path(arr.filename).parent == tmp_path / "env_cache"
+  assert pathlib.Path(arr.filename).name.startswith("val-")
