@@ -2,7 +2,7 @@
 
 Shape letters: B batch, L length, D model width, V vocabulary, H query heads,
 J key/value heads, A head width, F feed-forward hidden width.
-Parameters carry logical axis names (`sharding_names`); moex/parallel/sharding.py maps
+Parameters carry logical axis names (`out_sharding`); moex/parallel/sharding.py maps
 them to mesh axes with the config's rules.
 """
 
@@ -21,7 +21,7 @@ def normal(std: float):
 
 def param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
   """A parameter initialised by `init` with logical axis `names`."""
-  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
 
 class Embed(nnx.Module):
@@ -42,7 +42,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
     del rngs
     self.scale_D = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)),
-                             sharding_names=("norm",))
+                             out_sharding=("norm",))
     self.eps = cfg.norm_eps
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:

@@ -18,11 +18,11 @@ class Experts(nnx.Module):
     init, out_init = nnx.initializers.normal(init_std), nnx.initializers.normal(out_std)
     names_in, names_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
     self.gate_ExDxF = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
-                                sharding_names=names_in)
+                                out_sharding=names_in)
     self.up_ExDxF = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
-                              sharding_names=names_in)
+                              out_sharding=names_in)
     self.down_ExFxD = nnx.Param(out_init(rngs.params(), (e, f, d), param_dtype),
-                                sharding_names=names_out)
+                                out_sharding=names_out)
 
   def weights(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     return (self.gate_ExDxF[...].astype(dtype), self.up_ExDxF[...].astype(dtype),

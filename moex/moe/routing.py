@@ -47,7 +47,7 @@ class Router(nnx.Module):
   def __init__(self, d_model: int, num_experts: int, init_std: float, rngs: nnx.Rngs):
     init = nnx.initializers.normal(stddev=init_std)
     self.kernel_DxE = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
-                                sharding_names=("embed", None))
+                                out_sharding=("embed", None))
 
   def __call__(self, x_GxSxD: jax.Array) -> jax.Array:
     return jnp.einsum("gsd,de->gse", x_GxSxD.astype(jnp.float32),

@@ -46,8 +46,8 @@ def state_shardings(abstract_state: nnx.State, rules: Rules, mesh: Mesh) -> Any:
   """NamedShardings for every variable of an NNX state, as a pure dict."""
 
   def one(var):
-    names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
-    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.value.shape))
+    names = var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
+    return NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.get_value().shape))
 
   shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)

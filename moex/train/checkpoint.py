@@ -13,7 +13,7 @@ import grain
 import orbax.checkpoint as ocp
 from absl import logging
 
-from moex.config import TrainConfig
+from moex.config import ConfigError, TrainConfig
 from moex.data import pipeline
 
 
@@ -45,9 +45,14 @@ class Checkpointer:
               data_iter: grain.DatasetIterator) -> dict:
     """The state saved at `step`, placed per `abstract_state`'s shardings; the iterator is
     moved to its saved position in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=pipeline.data_restore_args(data_iter)))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=pipeline.data_restore_args(data_iter)))
+    except ValueError as e:  # Tree or shape mismatch: a different model or optimizer.
+      reason = str(e).strip().splitlines()[0][:200]
+      raise ConfigError(f"checkpoints: step {step} in {self.directory} does not match this "
+                        f"config's model/optimizer ({reason}); use a new --workdir") from None
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
 

@@ -73,8 +73,13 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the experiment; returns the last eval summary and run facts."""
+def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str,
+                       max_steps: int | None = None) -> dict:
+  """Runs (or resumes) the experiment; returns the last eval summary and run facts.
+
+  `max_steps` bounds the steps taken by this call (a time-sliced job): it checkpoints and
+  returns early, and the next call with the same workdir continues.
+  """
   cfg = prepare(cd)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   logging.info("mesh: %s over %d devices (%s), %d processes", dict(mesh.shape),
@@ -101,7 +106,7 @@ def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str) -> dict:
                list(cfg.model.moe_layers))
   runner = _Runner(cfg, mesh, model, data, tx, lr_schedule, workdir, ckpt, latest)
   try:
-    return runner.run(state)
+    return runner.run(state, max_steps)
   finally:
     runner.writer.close()
     ckpt.close()
@@ -181,10 +186,11 @@ class _Runner:
                  summary["loss"], summary["bits_per_byte"], seconds)
     return record
 
-  def run(self, state: dict) -> dict:
+  def run(self, state: dict, max_steps: int | None = None) -> dict:
     cfg = self.cfg.train
     step = int(jax.device_get(state["step"]))
     total = cfg.steps
+    stop_at = total if max_steps is None else min(total, step + max_steps)
     tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len
     first_eval = last_eval = None
     if step == 0:
@@ -227,6 +233,8 @@ class _Runner:
           t_progress = now
         if step % cfg.eval_every == 0 or last:
           last_eval = self.evaluate(state, step)
+        if step == stop_at and not last:
+          flag.signal = "max_steps"
         if step % cfg.checkpoint_every == 0 or last or flag.signal is not None:
           nonfinite = int(jax.device_get(acc["scalars"]["nonfinite"]))
           if nonfinite:
@@ -236,7 +244,7 @@ class _Runner:
     self.ckpt.wait()
     elapsed = time.time() - t_start
     if flag.signal is not None:
-      logging.warning("stopped by signal %d at step %d; re-run the same command to resume",
+      logging.warning("stopped (%s) at step %d; re-run the same command to resume",
                       flag.signal, step)
     result = {"step": step, "seconds": elapsed, "stopped": flag.signal is not None,
               "tokens_per_sec": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),

@@ -67,7 +67,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     scalars = {"loss": loss, "cross_entropy": aux["cross_entropy"],
                "load_balance_loss": aux["load_balance_loss"], "z_loss": aux["z_loss"],
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32),
                "steps": jnp.ones((), jnp.int32)}
     return new_state, {"scalars": scalars, "moe": aux["moe"]}

@@ -1,0 +1,56 @@
+"""Shared test fixtures: a tiny config and a small text corpus written per test."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # experiments/ is not a package on the install path.
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+  """A handful of Python-like files; returns a glob for config.data.source."""
+  d = tmp_path / "corpus"
+  d.mkdir()
+  for i in range(12):
+    lines = [f"def f_{i}_{j}(x):\n    return x * {j} + {i}  # item {i}.{j}\n" for j in range(40)]
+    (d / f"mod_{i:02d}.py").write_text("".join(lines))
+  return str(d / "*.py")
+
+
+@pytest.fixture
+def tiny_config(corpus, tmp_path):
+  """experiments/tiny.py shrunk to run a step in well under a second on one CPU."""
+  from experiments import tiny
+
+  c = tiny.get_config()
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 2
+  c.model.num_kv_heads = 1
+  c.model.head_dim = 16
+  c.model.d_ff = 64
+  c.moe.num_experts = 4
+  c.moe.d_expert = 32
+  c.data.source = corpus
+  c.data.cache_dir = str(tmp_path / "cache")
+  c.data.seq_len = 32
+  c.data.batch_size = 4
+  c.data.eval_batches = 2
+  c.data.val_fraction = 0.2
+  c.opt.warmup_steps = 2
+  c.train.steps = 6
+  c.train.log_every = 1
+  c.train.eval_every = 3
+  c.train.checkpoint_every = 3
+  c.train.async_checkpointing = False
+  return c
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path / "token_cache"))
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -1,0 +1,181 @@
+"""Tests for moex/moe/dispatch.py, on routings built by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moex.moe import dispatch, gmm, routing
+
+nnx.use_eager_sharding(False)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# One sequence of 4 tokens, E=2, K=2, C=2. Priority order (choice-major, then position):
+#   k=0: t0->e0 slot 0, t1->e0 slot 1, t2->e0 slot 2 (drop), t3->e1 slot 0
+#   k=1: t0->e1 slot 1, t1->e1 slot 2 (drop), t2->e1 slot 3 (drop), t3->e0 slot 3 (drop)
+EXPERT_SxK = [[0, 1], [0, 1], [0, 1], [1, 0]]
+WEIGHT_SxK = [[0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.8, 0.2]]
+SLOT_SxK = [[0, 1], [1, 2], [2, 3], [0, 3]]
+KEPT_SxK = [[True, True], [True, False], [False, False], [True, False]]
+SCALE_E = np.array([2.0, 3.0], np.float32)  # The hand experts: expert e multiplies by it.
+
+# Jitted once per shape: eager dispatch compiles each of its many small ops separately.
+capacity_dispatch = jax.jit(dispatch.capacity_dispatch, static_argnums=(2, 3))
+dropless_dispatch = jax.jit(dispatch.dropless_dispatch, static_argnums=(2,))
+
+
+def _routing(expert_GxSxK, weight_GxSxK, num_experts: int) -> routing.Routing:
+  index = jnp.asarray(expert_GxSxK, jnp.int32)
+  g, s, _ = index.shape
+  return routing.Routing(
+      expert_index_GxSxK=index,
+      combine_weight_GxSxK=jnp.asarray(weight_GxSxK, jnp.float32),
+      probs_GxSxE=jnp.full((g, s, num_experts), 1.0 / num_experts, jnp.float32),
+      logits_GxSxE=jnp.zeros((g, s, num_experts), jnp.float32),
+  )
+
+
+def _scale_experts(scale_E):
+  return lambda buf_ExRxD: buf_ExRxD * jnp.asarray(scale_E)[:, None, None]
+
+
+def _x(g: int, s: int, d: int, seed: int = 0) -> jax.Array:
+  return jax.random.normal(jax.random.key(seed), (g, s, d), jnp.float32)
+
+
+def test_capacity_positions_by_hand():
+  slot = dispatch.capacity_positions(jnp.asarray([EXPERT_SxK], jnp.int32), 2)
+  np.testing.assert_array_equal(slot, [SLOT_SxK])
+
+
+def test_capacity_positions_per_group():
+  # Each group counts from zero; an unused expert never shows up.
+  index = jnp.asarray([[[2, 0], [2, 0], [0, 2]], [[1, 2], [0, 1], [1, 0]]], jnp.int32)
+  slot = dispatch.capacity_positions(index, 3)
+  np.testing.assert_array_equal(slot, [[[0, 1], [1, 2], [0, 2]], [[0, 0], [0, 2], [1, 1]]])
+
+
+def test_capacity_dispatch_by_hand():
+  x = _x(1, 4, 3)
+  r = _routing([EXPERT_SxK], [WEIGHT_SxK], 2)
+  y, kept = capacity_dispatch(x, r, 2, _scale_experts(SCALE_E))
+  np.testing.assert_array_equal(kept, [KEPT_SxK])
+  # t0: both kept; t1: second dropped, first keeps 0.6 (not renormalized to 1);
+  # t2: everything dropped -> exactly zero; t3: only its first choice (expert 1) kept.
+  factor_S = np.array([0.7 * 2 + 0.3 * 3, 0.6 * 2, 0.0, 0.8 * 3], np.float32)
+  np.testing.assert_allclose(y[0], factor_S[:, None] * np.asarray(x[0]), rtol=1e-6)
+  np.testing.assert_array_equal(y[0, 2], np.zeros(3, np.float32))
+
+
+def test_capacity_dispatch_buffers_by_hand():
+  # Expert e's buffer holds its kept tokens in slot order; unfilled rows are zero.
+  x = _x(2, 4, 3, seed=1)
+  expert_GxSxK = [EXPERT_SxK, [[1, 0], [1, 0], [0, 1], [0, 1]]]
+  r = _routing(expert_GxSxK, [WEIGHT_SxK] * 2, 3)
+
+  @jax.jit
+  def run(x):
+    seen = {}
+
+    def experts(buf_ExRxD):
+      seen["buf"] = buf_ExRxD
+      return buf_ExRxD
+
+    _, kept = dispatch.capacity_dispatch(x, r, 2, experts)
+    return kept, seen["buf"]
+
+  kept, buf = run(x)
+  buf = np.asarray(buf)
+  assert buf.shape == (3, 2 * 2, 3)  # [E, G*C, D]
+  x = np.asarray(x)
+  zero = np.zeros(3, np.float32)
+  expected = [  # [expert][group] -> the C rows
+      [[x[0, 0], x[0, 1]], [x[1, 2], x[1, 3]]],
+      [[x[0, 3], x[0, 0]], [x[1, 0], x[1, 1]]],
+      [[zero, zero], [zero, zero]],
+  ]
+  np.testing.assert_array_equal(buf, np.asarray(expected).reshape(3, 4, 3))
+  # Group 1: e1 gets t0,t1 (k=0) then t2,t3 (k=1, dropped); e0 gets t2,t3 then t0,t1.
+  np.testing.assert_array_equal(kept[1], [[True, False], [True, False], [True, False],
+                                          [True, False]])
+
+
+def test_dropped_assignment_contributes_zero():
+  # Capacity 1, every token's first choice is expert 0: only token 0 keeps it.
+  x = _x(1, 3, 4, seed=2)
+  expert = [[[0, 1], [0, 1], [0, 1]]]
+  weight = [[[0.5, 0.5], [0.75, 0.25], [0.9, 0.1]]]
+  y, kept = capacity_dispatch(x, _routing(expert, weight, 2), 1,
+                                       _scale_experts([1.0, 10.0]))
+  np.testing.assert_array_equal(kept, [[[True, True], [False, False], [False, False]]])
+  np.testing.assert_allclose(y[0, 0], (0.5 + 5.0) * np.asarray(x[0, 0]), rtol=1e-6)
+  np.testing.assert_array_equal(y[0, 1:], np.zeros((2, 4), np.float32))
+
+
+def test_capacity_one_expert_takes_all():
+  # All tokens choose expert 1 first and expert 0 second: each expert keeps the first C
+  # positions, so the last S-C tokens lose both choices.
+  s, c = 5, 3
+  expert = [[[1, 0]] * s]
+  weight = [[[0.6, 0.4]] * s]
+  slot = dispatch.capacity_positions(jnp.asarray(expert, jnp.int32), 2)
+  np.testing.assert_array_equal(slot[0], [[t, t] for t in range(s)])
+  x = _x(1, s, 2, seed=3)
+  y, kept = capacity_dispatch(x, _routing(expert, weight, 2), c,
+                                       _scale_experts(SCALE_E))
+  np.testing.assert_array_equal(kept[0], [[t < c, t < c] for t in range(s)])
+  factor_S = np.array([0.6 * 3 + 0.4 * 2] * c + [0.0] * (s - c), np.float32)
+  np.testing.assert_allclose(y[0], factor_S[:, None] * np.asarray(x[0]), rtol=1e-6)
+
+
+def test_dropless_sorted_rows_and_group_sizes():
+  x = _x(1, 4, 3, seed=4)
+  r = _routing([EXPERT_SxK], [WEIGHT_SxK], 3)
+
+  @jax.jit
+  def run(x):
+    seen = {}
+
+    def experts(rows_MxD, sizes_E):
+      seen["rows"], seen["sizes"] = rows_MxD, sizes_E
+      return rows_MxD * jnp.repeat(jnp.asarray([2.0, 3.0, 5.0]), sizes_E,
+                                   total_repeat_length=rows_MxD.shape[0])[:, None]
+
+    y, kept = dispatch.dropless_dispatch(x, r, experts)
+    return y, kept, seen["rows"], seen["sizes"]
+
+  y, kept, rows, sizes = run(x)
+  np.testing.assert_array_equal(sizes, [4, 4, 0])
+  # Stable sort of the token-major assignments: expert 0 gets t0,t1,t2,t3; expert 1 too.
+  np.testing.assert_array_equal(rows, np.asarray(x[0])[[0, 1, 2, 3, 0, 1, 2, 3]])
+  assert bool(jnp.all(kept))
+  w = np.asarray(WEIGHT_SxK, np.float32)
+  factor_S = np.array([w[0, 0] * 2 + w[0, 1] * 3, w[1, 0] * 2 + w[1, 1] * 3,
+                       w[2, 0] * 2 + w[2, 1] * 3, w[3, 0] * 3 + w[3, 1] * 2])
+  np.testing.assert_allclose(y[0], factor_S[:, None] * np.asarray(x[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["ragged_dot", "tiled"])
+def test_dropless_equals_capacity_without_drops(backend):
+  g, s, d, e, k = 2, 6, 5, 4, 2
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
+  w_ExDxD = jnp.asarray(rng.normal(size=(e, d, d)), jnp.float32)
+  # K distinct experts per token, drawn at random.
+  index = np.stack([rng.permutation(e)[:k] for _ in range(g * s)]).reshape(g, s, k)
+  weight = jax.nn.softmax(jnp.asarray(rng.normal(size=(g, s, k)), jnp.float32), axis=-1)
+  r = _routing(index, weight, e)
+  buffered = lambda buf: jnp.einsum("erd,edf->erf", jnp.tanh(buf), w_ExDxD)
+  grouped = lambda rows, sizes: gmm.grouped_matmul(jnp.tanh(rows), w_ExDxD, sizes, backend)
+  y_cap, kept_cap = capacity_dispatch(x, r, s * k, buffered)
+  y_drop, kept_drop = dropless_dispatch(x, r, grouped)
+  assert bool(jnp.all(kept_cap)) and bool(jnp.all(kept_drop))
+  np.testing.assert_allclose(y_drop, y_cap, rtol=1e-5, atol=1e-5)
+  # The smallest capacity that drops nothing is the largest per-group load.
+  load = max(np.bincount(index[i].ravel(), minlength=e).max() for i in range(g))
+  y_min, kept_min = capacity_dispatch(x, r, int(load), buffered)
+  assert bool(jnp.all(kept_min))
+  np.testing.assert_allclose(y_min, y_cap, rtol=1e-6, atol=1e-6)
+  _, kept_less = capacity_dispatch(x, r, int(load) - 1, buffered)
+  assert not bool(jnp.all(kept_less))

@@ -1,0 +1,92 @@
+"""End-to-end: train, stop, resume; outputs follow their contracts."""
+
+import json
+import math
+import os
+
+import pytest
+
+from moex.train import loop
+
+
+def _lines(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return [json.loads(l) for l in f]
+
+
+def _train_losses(workdir):
+  return {r["step"]: r["loss"] for r in _lines(workdir, "metrics.jsonl") if r["split"] == "train"}
+
+
+def test_stop_and_resume_matches_straight_run(tiny_config, tmp_path):
+  straight = str(tmp_path / "straight")
+  loop.train_and_evaluate(tiny_config, straight)
+
+  resumed = str(tmp_path / "resumed")
+  first = loop.train_and_evaluate(tiny_config, resumed, max_steps=4)  # checkpoint at 4
+  assert first["stopped"] and first["step"] == 4
+  second = loop.train_and_evaluate(tiny_config, resumed)
+  assert second["step"] == 6 and not second["stopped"]
+
+  a, b = _train_losses(straight), _train_losses(resumed)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+  for s in a:
+    assert b[s] == pytest.approx(a[s], rel=1e-6, abs=1e-6), s
+  evals_a = [r for r in _lines(straight, "metrics.jsonl") if r["split"] == "eval"]
+  evals_b = [r for r in _lines(resumed, "metrics.jsonl") if r["split"] == "eval"]
+  assert [r["step"] for r in evals_a] == [r["step"] for r in evals_b] == [0, 3, 6]
+  assert evals_b[-1]["bits_per_byte"] == pytest.approx(evals_a[-1]["bits_per_byte"], rel=1e-6)
+
+
+def test_outputs_follow_their_contracts(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  result = loop.train_and_evaluate(tiny_config, workdir)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert result["final_eval"]["bits_per_byte"] < result["first_eval"]["bits_per_byte"]
+
+  for r in _lines(workdir, "metrics.jsonl"):
+    for k in ("step", "split", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
+              "load_balance_loss", "z_loss"):
+      assert k in r, k
+    assert math.isfinite(r["loss"])
+    if r["split"] == "eval":
+      assert r["bits_per_byte"] > 0
+
+  stats = _lines(workdir, "moe_stats.jsonl")
+  assert {(r["split"], r["layer"]) for r in stats} == {(s, l) for s in ("train", "eval")
+                                                       for l in (0, 1)}
+  cfg = tiny_config
+  for r in stats:
+    load, kept = r["expert_load"], r["expert_kept"]
+    assert len(load) == r["num_experts"] == cfg.moe.num_experts
+    assert sum(load) == r["tokens"] * r["top_k"]
+    assert all(k <= l for k, l in zip(kept, load))
+    if r["dispatch"] == "dropless":
+      assert kept == load and r["capacity"] is None and r["dropped_fraction"] == 0
+    else:
+      sequences = r["tokens"] // cfg.data.seq_len
+      assert all(k <= r["capacity"] * sequences for k in kept)
+      assert r["dropped_fraction"] == pytest.approx(1 - sum(kept) / sum(load))
+    assert 0 <= r["router_entropy"] <= math.log(r["num_experts"]) + 1e-6
+    assert r["needed_capacity_factor"] > 0
+
+
+def test_larger_steps_continues_from_checkpoint(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir)
+  tiny_config.train.steps = 8
+  result = loop.train_and_evaluate(tiny_config, workdir)
+  assert result["step"] == 8
+  steps = [r["step"] for r in _lines(workdir, "metrics.jsonl") if r["split"] == "train"]
+  assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # 1..6 from the first run, no restart
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, max_steps=3)  # good checkpoint at 3
+  tiny_config.opt.learning_rate = 1e30  # the next updates blow the weights up
+  with pytest.raises(FloatingPointError, match="Last good checkpoint: step 3"):
+    loop.train_and_evaluate(tiny_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
