@@ -12,9 +12,11 @@ from typing import Any
 
 import ml_collections
 
-ROUTERS = ("topk_softmax",)
+ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_bias", "expert_choice", "hash",
+           "random")
+DROP_POLICIES = ("position", "probability")
 DISPATCHES = ("capacity", "dropless")
-GROUPED_MATMULS = ("auto", "ragged_dot", "tiled")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "megablox")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -52,18 +54,32 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  num_experts: int
-  top_k: int
-  d_expert: int
-  router: str
-  dispatch: str
-  capacity_factor: float
-  eval_capacity_factor: float
-  min_capacity: int
-  load_balance_weight: float
-  z_loss_weight: float
-  aux_reduce: str
-  grouped_matmul: str
+  """The MoE block. Defaults fill keys a config file leaves out (documented in tiny.py)."""
+
+  num_experts: int = 8
+  top_k: int = 2
+  d_expert: int = 256
+  router: str = "topk_softmax"
+  dispatch: str = "capacity"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: float = 0.0
+  min_capacity: int = 4
+  drop_policy: str = "position"
+  renormalize_after_drop: bool = False
+  renormalize: bool = False
+  jitter: float = 0.0
+  bias_update_rate: float = 1e-3
+  num_groups: int = 1
+  topk_groups: int = 1
+  routed_scaling: float = 1.0
+  allow_noncausal_routing: bool = False
+  num_shared_experts: int = 0
+  d_shared: int = 0
+  load_balance_weight: float = 1e-2
+  seq_load_balance_weight: float = 0.0
+  z_loss_weight: float = 1e-3
+  aux_reduce: str = "mean"
+  grouped_matmul: str = "auto"
 
   def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
     """Per-expert buffer size C = max(ceil(cf * S * K / E), min_capacity) for a group of S."""
@@ -135,7 +151,9 @@ def _view(cls, section: str, cd: ml_collections.ConfigDict, **overrides):
   given = set(cd.keys()) | set(overrides)
   for k in sorted(given - names):
     raise ConfigError(f"{section}.{k}: unknown key (known: {', '.join(sorted(names))})")
-  for k in sorted(names - given):
+  defaults = {f.name for f in dataclasses.fields(cls)
+              if f.default is not dataclasses.MISSING}
+  for k in sorted(names - given - defaults):
     raise ConfigError(f"{section}.{k}: missing")
   values = {k: cd[k] for k in cd.keys()}
   values.update(overrides)
@@ -201,8 +219,31 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   _check(moe.eval_capacity_factor >= 0, "moe.eval_capacity_factor",
          f"must be >= 0 (0 = dropless), got {moe.eval_capacity_factor!r}")
   _check(moe.min_capacity >= 0, "moe.min_capacity", "must be >= 0")
-  _check(moe.load_balance_weight >= 0, "moe.load_balance_weight", "must be >= 0")
-  _check(moe.z_loss_weight >= 0, "moe.z_loss_weight", "must be >= 0")
+  _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
+  for name in ("load_balance_weight", "seq_load_balance_weight", "z_loss_weight",
+               "bias_update_rate", "num_shared_experts", "d_shared"):
+    _check(getattr(moe, name) >= 0, f"moe.{name}", "must be >= 0")
+  _check(0 <= moe.jitter < 1, "moe.jitter", f"must be in [0, 1), got {moe.jitter!r}")
+  _check(moe.routed_scaling > 0, "moe.routed_scaling", "must be > 0")
+  if moe.router == "switch":
+    _check(moe.top_k == 1, "moe.top_k", f"the switch router sends each token to 1 expert, "
+           f"got {moe.top_k}")
+  if moe.router == "sigmoid_bias":
+    _check(moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0, "moe.num_groups",
+           f"{moe.num_groups} must divide moe.num_experts={moe.num_experts}")
+    _check(1 <= moe.topk_groups <= moe.num_groups, "moe.topk_groups",
+           f"must be in [1, moe.num_groups={moe.num_groups}]")
+    per_group = moe.num_experts // moe.num_groups
+    _check(moe.top_k <= moe.topk_groups * per_group, "moe.top_k",
+           f"{moe.top_k} exceeds the {moe.topk_groups * per_group} experts in the "
+           f"moe.topk_groups={moe.topk_groups} chosen groups")
+  if moe.router == "expert_choice":
+    # Expert choice ranks all tokens of a sequence for each expert, so a token's routing
+    # depends on later tokens: a causal decoder would see the future through its router.
+    _check(moe.allow_noncausal_routing, "moe.router",
+           "expert_choice lets a token's routing depend on later tokens of its sequence, "
+           "which leaks the future into a causal decoder; set "
+           "moe.allow_noncausal_routing=True to use it anyway")
 
   _positive("data", data, "seq_len", "batch_size", "eval_batches")
   _check(0 < data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def route_token(x_D: jax.Array, w_router_DxE: jax.Array,
@@ -26,25 +27,31 @@ def expert_ffn(x_D: jax.Array, wg_DxF: jax.Array, wu_DxF: jax.Array,
   return (jax.nn.silu(x_D @ wg_DxF) * (x_D @ wu_DxF)) @ wd_FxD
 
 
-def kept_mask(experts_BxLxK: jax.Array, num_experts: int, capacity: int | None) -> jax.Array:
+def kept_mask_numpy(experts_BxLxK: np.ndarray, num_experts: int, capacity: int) -> np.ndarray:
   """Which assignments survive: per sequence, choice 0 of every token before choice 1, ...
 
   Within a choice, earlier positions first; expert e keeps its first `capacity`.
   """
   b, l, k = experts_BxLxK.shape
-  if capacity is None:
-    return jnp.ones((b, l, k), bool)
-  rows = []
+  kept_BxLxK = np.zeros((b, l, k), bool)
   for bi in range(b):
-    taken_E = jnp.zeros((num_experts,), jnp.int32)
-    kept_LxK = jnp.zeros((l, k), bool)
+    taken_E = [0] * num_experts  # assignments this sequence has sent to each expert so far
     for ki in range(k):
       for t in range(l):
-        e = experts_BxLxK[bi, t, ki]
-        kept_LxK = kept_LxK.at[t, ki].set(taken_E[e] < capacity)
-        taken_E = taken_E.at[e].add(1)
-    rows.append(kept_LxK)
-  return jnp.stack(rows)
+        e = int(experts_BxLxK[bi, t, ki])
+        kept_BxLxK[bi, t, ki] = taken_E[e] < capacity
+        taken_E[e] += 1
+  return kept_BxLxK
+
+
+def kept_mask(experts_BxLxK: jax.Array, num_experts: int, capacity: int | None) -> jax.Array:
+  """kept_mask_numpy as a jax op (a host callback), usable under jit and grad."""
+  if capacity is None:
+    return jnp.ones(experts_BxLxK.shape, bool)
+  return jax.pure_callback(
+      lambda ex: kept_mask_numpy(np.asarray(ex), num_experts, capacity),
+      jax.ShapeDtypeStruct(experts_BxLxK.shape, jnp.bool_),
+      jax.lax.stop_gradient(experts_BxLxK))
 
 
 def reference_moe(x_BxLxD: jax.Array, w_router_DxE: jax.Array, wg_ExDxF: jax.Array,

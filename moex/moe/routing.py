@@ -3,8 +3,19 @@
 Shape letters: G groups (sequences), S tokens per group, D model width, E experts,
 K experts per token. All router math is float32 whatever the compute dtype.
 
-A router function takes logits [G, S, E] (float32) and returns a `Routing`. To add one,
-write the function, add it to ROUTERS, and add its name to moex/config.py ROUTERS.
+A router is a function `(logits [G, S, E], cfg, ctx) -> Routing` registered in ROUTERS
+(and named in moex/config.py ROUTERS). Token-choice routers live here; expert choice, whose
+decision is per expert rather than per token, is `expert_choice_indices` below and has its
+own dispatch.
+
+| name          | choice                              | weight of a chosen expert        | paper |
+|---------------|-------------------------------------|----------------------------------|-------|
+| topk_softmax  | top-k logits                        | softmax over those k             | Mixtral (Jiang et al. 2024) |
+| softmax_topk  | top-k of softmax over all E         | that probability (renormalize=True: / sum of the k) | GShard (Lepikhin et al. 2020) |
+| switch        | top-1 of softmax                    | that probability                 | Switch (Fedus et al. 2021) |
+| sigmoid_bias  | top-k of sigmoid + bias, in the best topk_groups of num_groups groups | sigmoid score / sum of chosen scores * routed_scaling | DeepSeek-V3 (2024), aux-loss-free balancing (Wang et al. 2024) |
+| hash          | k consecutive experts from a hash of the token id | 1/k            | Hash layers (Roller et al. 2021) |
+| random        | k experts uniformly at random       | 1/k                              | baseline |
 """
 
 from __future__ import annotations
@@ -15,9 +26,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moex.config import MoEConfig
+
 
 class Routing(NamedTuple):
-  """A router's decision for every token."""
+  """A token-choice router's decision for every token."""
 
   expert_index_GxSxK: jax.Array  # int32, the k-th choice of each token (best first).
   combine_weight_GxSxK: jax.Array  # float32, weight of each choice in the output sum.
@@ -25,29 +38,138 @@ class Routing(NamedTuple):
   logits_GxSxE: jax.Array  # float32, raw router logits (for the z-loss).
 
 
-def topk_softmax(logits_GxSxE: jax.Array, top_k: int) -> Routing:
+class Context(NamedTuple):
+  """What some routers need besides the logits."""
+
+  train: bool
+  rng: jax.Array | None = None  # random router (per step in training, fixed at eval)
+  tokens_GxS: jax.Array | None = None  # hash router
+  bias_E: jax.Array | None = None  # sigmoid_bias router
+
+
+def topk_softmax(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
   """Mixtral: choose the top-k logits, softmax over those k only."""
-  top_logits_GxSxK, index_GxSxK = jax.lax.top_k(logits_GxSxE, top_k)
-  return Routing(
-      expert_index_GxSxK=index_GxSxK.astype(jnp.int32),
-      combine_weight_GxSxK=jax.nn.softmax(top_logits_GxSxK, axis=-1),
-      probs_GxSxE=jax.nn.softmax(logits_GxSxE, axis=-1),
-      logits_GxSxE=logits_GxSxE,
-  )
+  del ctx
+  top_logits_GxSxK, index_GxSxK = jax.lax.top_k(logits_GxSxE, cfg.top_k)
+  return Routing(index_GxSxK.astype(jnp.int32),
+                 jax.nn.softmax(top_logits_GxSxK, axis=-1) * cfg.routed_scaling,
+                 jax.nn.softmax(logits_GxSxE, axis=-1), logits_GxSxE)
 
 
-ROUTERS: dict[str, Callable[..., Routing]] = {
+def softmax_topk(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
+  """GShard / Switch order: softmax over all experts, then take the top-k probabilities."""
+  del ctx
+  probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
+  top_p_GxSxK, index_GxSxK = jax.lax.top_k(probs_GxSxE, cfg.top_k)
+  if cfg.renormalize:
+    top_p_GxSxK = top_p_GxSxK / jnp.sum(top_p_GxSxK, axis=-1, keepdims=True)
+  return Routing(index_GxSxK.astype(jnp.int32), top_p_GxSxK * cfg.routed_scaling,
+                 probs_GxSxE, logits_GxSxE)
+
+
+def switch(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
+  """Switch Transformer: top-1 of the softmax, weighted by its probability."""
+  return softmax_topk(logits_GxSxE, cfg, ctx)  # config checks top_k == 1, no renormalize
+
+
+def group_limited_mask(choice_GxSxE: jax.Array, num_groups: int, topk_groups: int):
+  """True for experts in each token's best `topk_groups` of `num_groups` expert groups.
+
+  A group's score is the sum of its two best choice scores (DeepSeek-V3), or its best
+  score when groups hold one expert.
+  """
+  g, s, e = choice_GxSxE.shape
+  per_group = e // num_groups
+  grouped_GxSxNxP = choice_GxSxE.reshape(g, s, num_groups, per_group)
+  best = jax.lax.top_k(grouped_GxSxNxP, min(2, per_group))[0]
+  group_score_GxSxN = jnp.sum(best, axis=-1)
+  _, top_groups = jax.lax.top_k(group_score_GxSxN, topk_groups)
+  keep_GxSxN = jnp.any(jax.nn.one_hot(top_groups, num_groups, dtype=bool), axis=-2)
+  return jnp.repeat(keep_GxSxN, per_group, axis=-1)
+
+
+def sigmoid_bias(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
+  """DeepSeek-V3: sigmoid scores; a balancing bias (not trained) changes only the choice."""
+  scores_GxSxE = jax.nn.sigmoid(logits_GxSxE)
+  choice_GxSxE = scores_GxSxE + jax.lax.stop_gradient(ctx.bias_E)
+  if cfg.num_groups > 1:
+    keep = group_limited_mask(choice_GxSxE, cfg.num_groups, cfg.topk_groups)
+    choice_GxSxE = jnp.where(keep, choice_GxSxE, -jnp.inf)
+  _, index_GxSxK = jax.lax.top_k(choice_GxSxE, cfg.top_k)
+  chosen_GxSxK = jnp.take_along_axis(scores_GxSxE, index_GxSxK, axis=-1)
+  weight_GxSxK = chosen_GxSxK / jnp.sum(chosen_GxSxK, axis=-1, keepdims=True)
+  probs_GxSxE = scores_GxSxE / jnp.sum(scores_GxSxE, axis=-1, keepdims=True)
+  return Routing(index_GxSxK.astype(jnp.int32), weight_GxSxK * cfg.routed_scaling,
+                 probs_GxSxE, logits_GxSxE)
+
+
+def _uniform_routing(index_GxSxK, logits_GxSxE, cfg: MoEConfig) -> Routing:
+  """Fixed (non-learned) choices with equal weights; probs spread evenly over them."""
+  k, e = cfg.top_k, logits_GxSxE.shape[-1]
+  chosen_GxSxE = jnp.sum(jax.nn.one_hot(index_GxSxK, e), axis=-2)
+  return Routing(index_GxSxK.astype(jnp.int32),
+                 jnp.full(index_GxSxK.shape, cfg.routed_scaling / k, jnp.float32),
+                 chosen_GxSxE / k, logits_GxSxE)
+
+
+def hash_router(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
+  """Hash layers: a token id always goes to the same k consecutive experts."""
+  e = logits_GxSxE.shape[-1]
+  h_GxS = (ctx.tokens_GxS.astype(jnp.uint32) * jnp.uint32(2654435761)) >> jnp.uint32(7)
+  first_GxS = (h_GxS % jnp.uint32(e)).astype(jnp.int32)
+  index_GxSxK = (first_GxS[..., None] + jnp.arange(cfg.top_k, dtype=jnp.int32)) % e
+  return _uniform_routing(index_GxSxK, logits_GxSxE, cfg)
+
+
+def random_router(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
+  """k distinct experts uniformly at random (fresh each training step; fixed at eval)."""
+  noise_GxSxE = jax.random.uniform(ctx.rng, logits_GxSxE.shape)
+  _, index_GxSxK = jax.lax.top_k(noise_GxSxE, cfg.top_k)
+  return _uniform_routing(index_GxSxK, logits_GxSxE, cfg)
+
+
+ROUTERS: dict[str, Callable[[jax.Array, MoEConfig, Context], Routing]] = {
     "topk_softmax": topk_softmax,
+    "softmax_topk": softmax_topk,
+    "switch": switch,
+    "sigmoid_bias": sigmoid_bias,
+    "hash": hash_router,
+    "random": random_router,
 }
 
 
-class Router(nnx.Module):
-  """The gate: a float32 linear map from token to one logit per expert."""
+def expert_choice_indices(logits_GxSxE: jax.Array, capacity: int):
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of each group.
 
-  def __init__(self, d_model: int, num_experts: int, init_std: float, rngs: nnx.Rngs):
+  Returns (token index [G, E, C], weight [G, E, C], probs [G, S, E]). Non-causal: the
+  ranking of a sequence's tokens uses the whole sequence (moex/config.py refuses it for a
+  causal decoder without moe.allow_noncausal_routing).
+  """
+  probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
+  c = min(capacity, logits_GxSxE.shape[1])
+  weight_GxExC, token_GxExC = jax.lax.top_k(probs_GxSxE.transpose(0, 2, 1), c)
+  return token_GxExC.astype(jnp.int32), weight_GxExC, probs_GxSxE
+
+
+def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing step: bias += rate * sign(mean load - load_e)."""
+  load = load_E.astype(jnp.float32)
+  return bias_E + rate * jnp.sign(jnp.mean(load) - load)
+
+
+class RouterBias(nnx.Variable):
+  """Per-expert routing bias: state outside the optimizer, saved in checkpoints."""
+
+
+class Router(nnx.Module):
+  """The gate: a float32 linear map from token to one logit per expert (+ optional bias)."""
+
+  def __init__(self, d_model: int, num_experts: int, init_std: float, rngs: nnx.Rngs,
+               with_bias: bool = False):
     init = nnx.initializers.normal(stddev=init_std)
     self.kernel_DxE = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
                                 out_sharding=("embed", None))
+    self.bias_E = RouterBias(jnp.zeros((num_experts,), jnp.float32)) if with_bias else None
 
   def __call__(self, x_GxSxD: jax.Array) -> jax.Array:
     return jnp.einsum("gsd,de->gse", x_GxSxD.astype(jnp.float32),
