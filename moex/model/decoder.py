@@ -24,11 +24,12 @@ class Block(nnx.Module):
     else:
       self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg, rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> tuple[jax.Array, dict | None]:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array,
+               rng: jax.Array | None) -> tuple[jax.Array, dict | None]:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      y_BxLxD, stats = self.ffn(h_BxLxD, train=train)
+      y_BxLxD, stats = self.ffn(h_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=rng)
     else:
       y_BxLxD, stats = self.ffn(h_BxLxD), None
     return x_BxLxD + y_BxLxD, stats
@@ -47,11 +48,15 @@ class Decoder(nnx.Module):
     self.unembed_DxV = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                              jnp.dtype(cfg.param_dtype), ("embed", "vocab"))
 
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """`rng` drives router noise in training; None at eval (routing is then deterministic)."""
     x_BxLxD = self.embed(tokens_BxL)
     moe_stats = []
     for i in range(self.num_layers):
-      x_BxLxD, stats = getattr(self, f"block_{i}")(x_BxLxD, train=train)
+      layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x_BxLxD, stats = getattr(self, f"block_{i}")(x_BxLxD, train=train, tokens_BxL=tokens_BxL,
+                                                    rng=layer_rng)
       if stats is not None:
         moe_stats.append(stats)
     x_BxLxD = self.final_norm(x_BxLxD)

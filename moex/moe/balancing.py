@@ -27,6 +27,18 @@ def load_balance_loss(routing: Routing, load_E: jax.Array) -> jax.Array:
   return e * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
 
 
+def sequence_load_balance_loss(routing: Routing, load_GxE: jax.Array) -> jax.Array:
+  """The Switch loss computed within each sequence (group), then averaged over sequences.
+
+  Penalizes imbalance inside a sequence even when the batch as a whole is balanced
+  (DeepSeek-V3's complementary sequence-wise balance loss).
+  """
+  e = routing.probs_GxSxE.shape[-1]
+  f_GxE = load_GxE.astype(jnp.float32) / jnp.maximum(jnp.sum(load_GxE, -1, keepdims=True), 1)
+  p_GxE = jnp.mean(routing.probs_GxSxE, axis=1)
+  return jnp.mean(e * jnp.sum(jax.lax.stop_gradient(f_GxE) * p_GxE, axis=-1))
+
+
 def z_loss(routing: Routing) -> jax.Array:
   """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
   return jnp.mean(jax.nn.logsumexp(routing.logits_GxSxE, axis=-1) ** 2)

@@ -26,7 +26,8 @@ _MAX_FIELDS = ("max_group_load",)
 
 
 def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
-                entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array) -> dict:
+                entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array,
+                seq_lb_loss: jax.Array | None = None) -> dict:
   """One MoE layer's counts for one step (all on device)."""
   return {
       "expert_load": jnp.sum(load_GxE, axis=0),
@@ -36,6 +37,8 @@ def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
       "entropy_sum": entropy_sum.astype(jnp.float32),
       "load_balance_loss": lb_loss.astype(jnp.float32),
       "z_loss": z.astype(jnp.float32),
+      "seq_load_balance_loss": (jnp.zeros((), jnp.float32) if seq_lb_loss is None
+                                else seq_lb_loss.astype(jnp.float32)),
       "steps": jnp.ones((), jnp.int32),
   }
 
@@ -81,6 +84,7 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "router_entropy": float(s["entropy_sum"]) / max(tokens, 1),
         "load_balance_loss": float(s["load_balance_loss"]) / steps,
         "z_loss": float(s["z_loss"]) / steps,
+        "seq_load_balance_loss": float(s["seq_load_balance_loss"]) / steps,
         "train_capacity": train_capacity,
         "train_capacity_factor": train_capacity_factor,
         "train_capacity_dropped_fraction":

@@ -172,7 +172,7 @@ class _Runner:
     host = jax.device_get(acc)
     summary = step_lib.eval_summary(host)
     seconds = time.time() - t0
-    aux = {"load_balance_loss": None, "z_loss": None}
+    aux = {"load_balance_loss": None, "seq_load_balance_loss": None, "z_loss": None}
     if host["moe"]:
       n = max(int(np.max(host["moe"]["steps"])), 1)
       reduce = np.sum if self.cfg.moe.aux_reduce == "sum" else np.mean
@@ -220,7 +220,8 @@ class _Runner:
                     "cross_entropy": s["cross_entropy"],
                     "learning_rate": float(self.lr_schedule(step - 1)),
                     "grad_norm": s["grad_norm"], "tokens_per_sec": tps,
-                    "load_balance_loss": s["load_balance_loss"], "z_loss": s["z_loss"]}
+                    "load_balance_loss": s["load_balance_loss"],
+                    "seq_load_balance_loss": s["seq_load_balance_loss"], "z_loss": s["z_loss"]}
           self.writer.metrics(record)
           self.writer.moe_stats(self._moe_records(host["moe"], step, "train"))
           t_window, window_start = now, step

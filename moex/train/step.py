@@ -22,24 +22,37 @@ def _reduce_layers(x_L: jax.Array, how: str) -> jax.Array:
   return jnp.sum(x_L) if how == "sum" else jnp.mean(x_L)
 
 
-def forward(graphdef, params, buffers, tokens_BxL1: jax.Array, *, train: bool):
-  """Logits for tokens[:, :-1], targets tokens[:, 1:], and stacked MoE stats."""
+def forward(graphdef, params, buffers, tokens_BxL1: jax.Array, *, train: bool,
+            rng: jax.Array | None = None):
+  """(logits for tokens[:, :-1], targets tokens[:, 1:], stacked MoE stats, new buffers).
+
+  The model may update its buffers in training (the aux-loss-free router bias does).
+  """
   model = nnx.merge(graphdef, params, buffers)
-  logits_BxLxV, moe = model(tokens_BxL1[:, :-1], train=train)
-  return logits_BxLxV, tokens_BxL1[:, 1:], moe
+  logits_BxLxV, moe = model(tokens_BxL1[:, :-1], train=train, rng=rng)
+  new_buffers = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+  return logits_BxLxV, tokens_BxL1[:, 1:], moe, new_buffers
 
 
-def loss_fn(params, buffers, tokens_BxL1, *, graphdef, cfg: Config):
+def balancing_terms(moe: dict, how: str) -> dict:
+  """Per-layer balancing terms combined over MoE layers ("mean" or "sum")."""
+  names = ("load_balance_loss", "seq_load_balance_loss", "z_loss")
+  if not moe:
+    return {n: jnp.zeros((), jnp.float32) for n in names}
+  return {n: _reduce_layers(moe[n], how) for n in names}
+
+
+def loss_fn(params, buffers, tokens_BxL1, rng, *, graphdef, cfg: Config):
   """Mean cross-entropy plus the weighted balancing terms; returns (loss, aux)."""
-  logits_BxLxV, targets_BxL, moe = forward(graphdef, params, buffers, tokens_BxL1, train=True)
+  logits_BxLxV, targets_BxL, moe, new_buffers = forward(graphdef, params, buffers, tokens_BxL1,
+                                                        train=True, rng=rng)
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL))
-  if moe:
-    lb = _reduce_layers(moe["load_balance_loss"], cfg.moe.aux_reduce)
-    z = _reduce_layers(moe["z_loss"], cfg.moe.aux_reduce)
-  else:
-    lb = z = jnp.zeros((), jnp.float32)
-  loss = ce + cfg.moe.load_balance_weight * lb + cfg.moe.z_loss_weight * z
-  return loss, {"cross_entropy": ce, "load_balance_loss": lb, "z_loss": z, "moe": moe}
+  terms = balancing_terms(moe, cfg.moe.aux_reduce)
+  m = cfg.moe
+  loss = (ce + m.load_balance_weight * terms["load_balance_loss"]
+          + m.seq_load_balance_weight * terms["seq_load_balance_loss"]
+          + m.z_loss_weight * terms["z_loss"])
+  return loss, {"cross_entropy": ce, **terms, "moe": moe, "buffers": new_buffers}
 
 
 def accumulate(acc: dict, new: dict) -> dict:
@@ -58,15 +71,18 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
   """Returns (core, step): core(state, tokens) -> (state, one step's metrics);
   step(state, acc, tokens) -> (state, acc + metrics). Both pure, for jax.jit."""
   grad_fn = jax.value_and_grad(
-      lambda p, b, t: loss_fn(p, b, t, graphdef=graphdef, cfg=cfg), has_aux=True)
+      lambda p, b, t, r: loss_fn(p, b, t, r, graphdef=graphdef, cfg=cfg), has_aux=True)
 
   def core(state: dict, tokens_BxL1: jax.Array):
-    (loss, aux), grads = grad_fn(state["params"], state["buffers"], tokens_BxL1)
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, aux), grads = grad_fn(state["params"], state["buffers"], tokens_BxL1, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+                     buffers=aux["buffers"])
     scalars = {"loss": loss, "cross_entropy": aux["cross_entropy"],
-               "load_balance_loss": aux["load_balance_loss"], "z_loss": aux["z_loss"],
+               "load_balance_loss": aux["load_balance_loss"],
+               "seq_load_balance_loss": aux["seq_load_balance_loss"], "z_loss": aux["z_loss"],
                "grad_norm": optax.tree.norm(grads),
                "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32),
                "steps": jnp.ones((), jnp.int32)}
@@ -87,8 +103,8 @@ def make_eval_step(cfg: Config, graphdef, token_bytes: np.ndarray) -> tuple[Call
   token_bytes_V = jnp.asarray(token_bytes, jnp.int32)
 
   def core(params, buffers, tokens_BxL1: jax.Array):
-    logits_BxLxV, targets_BxL, moe = forward(graphdef, params, buffers, tokens_BxL1,
-                                             train=False)
+    logits_BxLxV, targets_BxL, moe, _ = forward(graphdef, params, buffers, tokens_BxL1,
+                                                train=False)
     ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
     scalars = {"ce_sum": jnp.sum(ce_BxL), "tokens": jnp.asarray(ce_BxL.size, jnp.float32),
                "bytes": jnp.sum(token_bytes_V[targets_BxL]).astype(jnp.float32)}
@@ -104,8 +120,8 @@ def train_summary(acc: dict) -> dict:
   """Window means of the train scalars (host floats)."""
   s = {k: np.asarray(v) for k, v in acc["scalars"].items()}
   n = max(int(s["steps"]), 1)
-  out = {k: float(s[k]) / n for k in ("loss", "cross_entropy", "load_balance_loss", "z_loss",
-                                        "grad_norm")}
+  out = {k: float(s[k]) / n for k in ("loss", "cross_entropy", "load_balance_loss",
+                                        "seq_load_balance_loss", "z_loss", "grad_norm")}
   out["nonfinite"] = int(s["nonfinite"])
   return out
 

@@ -1,0 +1,60 @@
+"""Row gathers whose backward pass is also a gather (never a scatter-add).
+
+Dispatch moves rows between token order and expert order. The backward of a plain gather
+is a scatter-add, which XLA:CPU runs as a serial loop. Here every gather carries its
+inverse map, so the backward gathers the cotangent rows back and sums them (MaxText's
+permute/unpermute custom VJP does the same).
+
+`take_rows(x [N, D], index [M], inverse [N, J])`: out[m] = x[index[m]] (zero when
+index[m] == N). `inverse[n]` lists the J (or fewer; padded with M) positions m where
+index[m] == n; the backward is dx[n] = sum_j dout[inverse[n, j]].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _pad_row(x_NxD: jax.Array) -> jax.Array:
+  return jnp.concatenate([x_NxD, jnp.zeros((1,) + x_NxD.shape[1:], x_NxD.dtype)], axis=0)
+
+
+def _gather_sum(x_NxD: jax.Array, index_MxJ: jax.Array) -> jax.Array:
+  """out[m] = sum_j x[index[m, j]], with index N meaning a zero row."""
+  rows_MxJxD = jnp.take(_pad_row(x_NxD), index_MxJ, axis=0)
+  return jnp.sum(rows_MxJxD, axis=1)
+
+
+@jax.custom_vjp
+def take_rows(x_NxD: jax.Array, index_M: jax.Array, inverse_NxJ: jax.Array) -> jax.Array:
+  return jnp.take(_pad_row(x_NxD), index_M, axis=0)
+
+
+def _fwd(x_NxD, index_M, inverse_NxJ):
+  return take_rows(x_NxD, index_M, inverse_NxJ), (index_M, inverse_NxJ)
+
+
+def _bwd(res, dout_MxD):
+  index_M, inverse_NxJ = res
+  dx_NxD = _gather_sum(dout_MxD, inverse_NxJ)
+  return dx_NxD, None, None
+
+
+take_rows.defvjp(_fwd, _bwd)
+
+
+def inverse_of(index_M: jax.Array, num_sources: int, fanout: int) -> jax.Array:
+  """The [N, fanout] inverse of `index_M` for `take_rows` (M pads empty entries).
+
+  Positions mapping to each source n are listed in increasing order; `fanout` must bound
+  how many positions share a source. Built with one sort, not a scatter loop.
+  """
+  m = index_M.shape[0]
+  order_M = jnp.argsort(index_M, stable=True)
+  sorted_src_M = index_M[order_M]
+  first_N = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="left")
+  count_N = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="right") - first_N
+  j_J = jnp.arange(fanout)
+  pos_NxJ = jnp.minimum(first_N[:, None] + j_J, m - 1)
+  return jnp.where(j_J < count_N[:, None], order_M[pos_NxJ], m).astype(jnp.int32)
