@@ -21,7 +21,7 @@ def _exact_float32_matmuls():
 
 
 D, F = 16, 32
-BACKENDS = ("ragged_dot", "tiled")
+BACKENDS = ("ragged_dot", "tiled", "chunked")
 GROUP_SIZES = {
     "empty_groups": [3, 0, 5, 0],  # an empty group inside and one at the end
     "leading_empty": [0, 0, 7, 6],
@@ -76,8 +76,9 @@ def test_tiled_layout_any_tile(tile):
                              atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["tiled", "chunked"])
 @pytest.mark.parametrize("case", sorted(GROUP_SIZES))
-def test_tiled_gradients_equal_ragged_dot(case):
+def test_gradients_equal_ragged_dot(case, backend):
   x, w, sizes_E = _inputs(GROUP_SIZES[case], seed=2)
   ct = jnp.asarray(np.random.default_rng(3).normal(size=(x.shape[0], F)), jnp.float32)
 
@@ -85,7 +86,7 @@ def test_tiled_gradients_equal_ragged_dot(case):
     loss = lambda x, w: jnp.sum(gmm.grouped_matmul(x, w, sizes_E, backend) * ct)
     return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
 
-  (gx_t, gw_t), (gx_r, gw_r) = grads("tiled"), grads("ragged_dot")
+  (gx_t, gw_t), (gx_r, gw_r) = grads(backend), grads("ragged_dot")
   np.testing.assert_allclose(gx_t, gx_r, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gw_t, gw_r, rtol=1e-5, atol=1e-5)
   # An empty group's weight gets exactly zero gradient.
@@ -141,8 +142,20 @@ def test_default_tile():
 def test_resolve_backend_and_unknown():
   assert gmm.resolve_backend("tiled") == "tiled"
   assert gmm.resolve_backend("ragged_dot") == "ragged_dot"
-  expected = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  expected = "chunked" if jax.default_backend() == "cpu" else "ragged_dot"
   assert gmm.resolve_backend("auto") == expected
   x, w, sizes_E = _inputs([2, 2])
   with pytest.raises(ValueError, match="unknown backend"):
     gmm.grouped_matmul(x, w, sizes_E, "dense")
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_chunked_any_chunk_matches_numpy(chunk):
+  x, w, sizes_E = _inputs(GROUP_SIZES[sorted(GROUP_SIZES)[0]], seed=5)
+  out = jax.jit(lambda x, w, s: gmm.chunked_gmm(x, w, s, chunk))(x, w, sizes_E)
+  np.testing.assert_allclose(out, _numpy_gmm(x, w, np.asarray(sizes_E)), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_executed_rows_bound():
+  sizes = jnp.array([0, 5, 16, 17], jnp.int32)
+  assert int(gmm.chunked_executed_rows(sizes, 8)) == 0 + 8 + 16 + 24

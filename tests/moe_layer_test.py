@@ -145,7 +145,8 @@ def _check_stats(s, *, b, l, e, k, capacity, dropless):
 
 # (dispatch, grouped_matmul): every path with nothing dropped (capacity_factor = E).
 # ("dropless", "auto") is one of the two backends; which one depends on the platform.
-NO_DROP_PATHS = [("capacity", "auto"), ("dropless", "ragged_dot"), ("dropless", "tiled")]
+NO_DROP_PATHS = [("capacity", "auto"), ("dropless", "ragged_dot"), ("dropless", "tiled"),
+                 ("dropless", "chunked")]
 
 
 @pytest.mark.parametrize("path,backend", NO_DROP_PATHS)
