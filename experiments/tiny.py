@@ -47,10 +47,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   e.capacity_factor = 1.25  # Training: capacity C = ceil(cf * S * K / E) per sequence of S.
   e.eval_capacity_factor = 0.0  # Evaluation capacity factor; 0 = dropless evaluation.
   e.min_capacity = 4  # Lower bound on C (flaxformer's default).
+  e.drop_policy = "position"  # Who wins a full buffer: "position" (earlier tokens) or
+  # "probability" (batch-prioritized: higher router weight); first choices always first.
+  e.renormalize_after_drop = False  # Rescale surviving weights to the token's total.
+  e.renormalize = False  # softmax_topk: divide the k probabilities by their sum.
+  e.jitter = 0.0  # Multiplicative noise U(1-j, 1+j) on the router input, training only.
+  e.bias_update_rate = 1e-3  # sigmoid_bias: bias += rate * sign(mean load - load_e).
+  e.num_groups = 1  # sigmoid_bias: expert groups for group-limited routing (1 = off).
+  e.topk_groups = 1  # sigmoid_bias: groups each token may choose experts from.
+  e.routed_scaling = 1.0  # Multiplies the routed experts' output (DeepSeek-V3 uses 2.5).
+  e.allow_noncausal_routing = False  # Needed for expert_choice, which sees later tokens.
+  e.num_shared_experts = 0  # Always-on shared experts (DeepSeek); 0 = none.
+  e.d_shared = 0  # Hidden width of each shared expert; 0 = d_expert.
   e.load_balance_weight = 1e-2  # Weight of the Switch load-balancing loss.
+  e.seq_load_balance_weight = 0.0  # Weight of its per-sequence variant.
   e.z_loss_weight = 1e-3  # Weight of the router z-loss.
   e.aux_reduce = "mean"  # Combine per-layer balancing terms: "mean" or "sum" over layers.
-  e.grouped_matmul = "auto"  # Dropless backend: "auto", "ragged_dot" or "tiled".
+  e.grouped_matmul = "auto"  # Dropless backend: "auto", "ragged_dot", "tiled", "chunked".
+  # Dropless across expert-parallel ranks: rows per device pair = factor * T_local * K /
+  # ranks; 0 = T_local * K (never overflows; overflow is counted in moe_stats).
+  e.ep_buffer_factor = 0.0
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # "stdlib" or comma-separated text files / globs.

@@ -1,11 +1,24 @@
-"""Auxiliary balancing terms computed from a Routing (float32, over every token given)."""
+"""Auxiliary balancing terms computed from a Routing (float32).
+
+Each term is defined over the global batch. Inside the expert-parallel shard_map every
+device sees only its tokens, so the sums go through `psum` (a psum over the batch mesh
+axes; the identity on one device) and the result is the same on any mesh.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from moex.moe.routing import Routing
+
+Reduce = Callable[[jax.Array], jax.Array]
+
+
+def _identity(x):
+  return x
 
 
 def expert_counts(expert_index_GxSxK: jax.Array, num_experts: int) -> jax.Array:
@@ -15,19 +28,25 @@ def expert_counts(expert_index_GxSxK: jax.Array, num_experts: int) -> jax.Array:
   return jax.vmap(lambda i: jnp.bincount(i, length=num_experts))(flat_GxSK).astype(jnp.int32)
 
 
-def load_balance_loss(routing: Routing, load_E: jax.Array) -> jax.Array:
+def _tokens(routing: Routing) -> jax.Array:
+  return jnp.asarray(routing.probs_GxSxE.shape[0] * routing.probs_GxSxE.shape[1], jnp.float32)
+
+
+def load_balance_loss(routing: Routing, load_E: jax.Array, psum: Reduce = _identity):
   """Switch Transformer loss over all K choices: E * sum_e f_e * P_e (1.0 when uniform).
 
-  f_e is the fraction of the T*K assignments routed to expert e (Megatron-Core's
-  `switch_load_balancing_loss_func`); P_e the mean router probability of e over tokens.
+  f_e is the fraction of all assignments routed to expert e (`load_E` must already be the
+  global count; Megatron-Core's `switch_load_balancing_loss_func`); P_e the mean router
+  probability of e over all tokens.
   """
   e = routing.probs_GxSxE.shape[-1]
   f_E = load_E.astype(jnp.float32) / jnp.maximum(jnp.sum(load_E), 1)
-  p_E = jnp.mean(routing.probs_GxSxE.reshape(-1, e), axis=0)
+  p_E = psum(jnp.sum(routing.probs_GxSxE.reshape(-1, e), axis=0)) / psum(_tokens(routing))
   return e * jnp.sum(jax.lax.stop_gradient(f_E) * p_E)
 
 
-def sequence_load_balance_loss(routing: Routing, load_GxE: jax.Array) -> jax.Array:
+def sequence_load_balance_loss(routing: Routing, load_GxE: jax.Array,
+                               psum: Reduce = _identity) -> jax.Array:
   """The Switch loss computed within each sequence (group), then averaged over sequences.
 
   Penalizes imbalance inside a sequence even when the batch as a whole is balanced
@@ -36,15 +55,17 @@ def sequence_load_balance_loss(routing: Routing, load_GxE: jax.Array) -> jax.Arr
   e = routing.probs_GxSxE.shape[-1]
   f_GxE = load_GxE.astype(jnp.float32) / jnp.maximum(jnp.sum(load_GxE, -1, keepdims=True), 1)
   p_GxE = jnp.mean(routing.probs_GxSxE, axis=1)
-  return jnp.mean(e * jnp.sum(jax.lax.stop_gradient(f_GxE) * p_GxE, axis=-1))
+  per_seq_G = e * jnp.sum(jax.lax.stop_gradient(f_GxE) * p_GxE, axis=-1)
+  return psum(jnp.sum(per_seq_G)) / psum(jnp.asarray(per_seq_G.shape[0], jnp.float32))
 
 
-def z_loss(routing: Routing) -> jax.Array:
+def z_loss(routing: Routing, psum: Reduce = _identity) -> jax.Array:
   """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
-  return jnp.mean(jax.nn.logsumexp(routing.logits_GxSxE, axis=-1) ** 2)
+  lse = jax.nn.logsumexp(routing.logits_GxSxE, axis=-1)
+  return psum(jnp.sum(lse ** 2)) / psum(_tokens(routing))
 
 
-def router_entropy_sum(routing: Routing) -> jax.Array:
+def router_entropy_sum(routing: Routing, psum: Reduce = _identity) -> jax.Array:
   """Sum over tokens of the entropy (nats) of the router's distribution over all experts."""
   p = routing.probs_GxSxE
-  return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)))
+  return psum(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30))))

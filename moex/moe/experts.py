@@ -1,6 +1,12 @@
-"""The routed experts: E SwiGLU feed-forward blocks with weights [E, D, F] and [E, F, D]."""
+"""The routed experts: E SwiGLU feed-forward blocks with weights [E, D, F] and [E, F, D].
+
+The module only holds the parameters; the math is in pure functions of an `ExpertWeights`
+so the expert-parallel wrapper can call them on its local shard inside shard_map.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +15,41 @@ from flax import nnx
 from moex.moe import gmm
 
 
+class ExpertWeights(NamedTuple):
+  gate_ExDxF: jax.Array
+  up_ExDxF: jax.Array
+  down_ExFxD: jax.Array
+
+  def astype(self, dtype) -> "ExpertWeights":
+    return ExpertWeights(*(w.astype(dtype) for w in self))
+
+
+def buffered(w: ExpertWeights, x_ExRxD: jax.Array) -> jax.Array:
+  """Expert e applied to its R buffer rows: [E, R, D]."""
+  w = w.astype(x_ExRxD.dtype)
+  g = jnp.einsum("erd,edf->erf", x_ExRxD, w.gate_ExDxF)
+  u = jnp.einsum("erd,edf->erf", x_ExRxD, w.up_ExDxF)
+  return jnp.einsum("erf,efd->erd", jax.nn.silu(g) * u, w.down_ExFxD)
+
+
+def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
+            backend: str) -> jax.Array:
+  """Rows sorted by expert, group_sizes_E rows each: [M, D]."""
+  w = w.astype(x_MxD.dtype)
+  backend = gmm.resolve_backend(backend)
+  if backend == "tiled":  # Pad once; all three matmuls run in the tiled layout.
+    layout = gmm.TiledLayout(group_sizes_E, x_MxD.shape[0],
+                             gmm.default_tile(x_MxD.shape[0], w.gate_ExDxF.shape[0]))
+    x_NxTxD = layout.pad(x_MxD)
+    h = jax.nn.silu(layout.matmul(x_NxTxD, w.gate_ExDxF)) * layout.matmul(x_NxTxD, w.up_ExDxF)
+    return layout.unpad(layout.matmul(h, w.down_ExFxD))
+  g = gmm.grouped_matmul(x_MxD, w.gate_ExDxF, group_sizes_E, backend)
+  u = gmm.grouped_matmul(x_MxD, w.up_ExDxF, group_sizes_E, backend)
+  return gmm.grouped_matmul(jax.nn.silu(g) * u, w.down_ExFxD, group_sizes_E, backend)
+
+
 class Experts(nnx.Module):
-  """E independent SwiGLU experts, applied to buffers or to rows grouped by expert."""
+  """E independent SwiGLU experts' parameters."""
 
   def __init__(self, num_experts: int, d_model: int, d_expert: int, init_std: float,
                out_std: float, param_dtype, rngs: nnx.Rngs):
@@ -24,27 +63,12 @@ class Experts(nnx.Module):
     self.down_ExFxD = nnx.Param(out_init(rngs.params(), (e, f, d), param_dtype),
                                 out_sharding=names_out)
 
-  def weights(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return (self.gate_ExDxF[...].astype(dtype), self.up_ExDxF[...].astype(dtype),
-            self.down_ExFxD[...].astype(dtype))
+  def weights(self) -> ExpertWeights:
+    return ExpertWeights(self.gate_ExDxF[...], self.up_ExDxF[...], self.down_ExFxD[...])
 
+  # Convenience for single-device use (tests, benchmarks).
   def buffered(self, x_ExRxD: jax.Array) -> jax.Array:
-    """Expert e applied to its R buffer rows: [E, R, D]."""
-    wg, wu, wd = self.weights(x_ExRxD.dtype)
-    g = jnp.einsum("erd,edf->erf", x_ExRxD, wg)
-    u = jnp.einsum("erd,edf->erf", x_ExRxD, wu)
-    return jnp.einsum("erf,efd->erd", jax.nn.silu(g) * u, wd)
+    return buffered(self.weights(), x_ExRxD)
 
   def grouped(self, x_MxD: jax.Array, group_sizes_E: jax.Array, backend: str) -> jax.Array:
-    """Rows sorted by expert, group_sizes_E rows each: [M, D]."""
-    wg, wu, wd = self.weights(x_MxD.dtype)
-    backend = gmm.resolve_backend(backend)
-    if backend == "tiled":  # Pad once; all three matmuls run in the tiled layout.
-      layout = gmm.TiledLayout(group_sizes_E, x_MxD.shape[0],
-                               gmm.default_tile(x_MxD.shape[0], wg.shape[0]))
-      x_NxTxD = layout.pad(x_MxD)
-      h = jax.nn.silu(layout.matmul(x_NxTxD, wg)) * layout.matmul(x_NxTxD, wu)
-      return layout.unpad(layout.matmul(h, wd))
-    g = gmm.grouped_matmul(x_MxD, wg, group_sizes_E, backend)
-    u = gmm.grouped_matmul(x_MxD, wu, group_sizes_E, backend)
-    return gmm.grouped_matmul(jax.nn.silu(g) * u, wd, group_sizes_E, backend)
+    return grouped(self.weights(), x_MxD, group_sizes_E, backend)

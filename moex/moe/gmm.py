@@ -19,6 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moex.moe import permute
+
 
 def resolve_backend(backend: str) -> str:
   if backend != "auto":
@@ -102,6 +104,15 @@ def default_chunk(num_rows: int, num_groups: int) -> int:
   return c
 
 
+def _zeros(shape, dtype, *like):
+  """Zeros that vary over the same mesh axes as `like` (loop carries inside shard_map must
+  have the type the loop body gives them)."""
+  z = jnp.zeros(shape, dtype)
+  for a in like:
+    z = z + jnp.zeros_like(a.reshape(-1)[0], dtype=dtype)
+  return z
+
+
 def _bounds(group_sizes_E):
   ends_E = jnp.cumsum(group_sizes_E)
   return ends_E - group_sizes_E, ends_E
@@ -114,7 +125,7 @@ def _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, transpose_w: bool = 
   f = w_ExDxF.shape[1] if transpose_w else w_ExDxF.shape[2]
   starts_E, _ = _bounds(group_sizes_E)
   x_pad = jnp.concatenate([x_MxD, jnp.zeros((chunk, d), x_MxD.dtype)])
-  out = jnp.zeros((m + chunk, f), x_MxD.dtype)
+  out = _zeros((m + chunk, f), x_MxD.dtype, x_MxD, w_ExDxF, group_sizes_E)
 
   def per_group(e, out):
     w_e = w_ExDxF[e].T if transpose_w else w_ExDxF[e]
@@ -147,11 +158,12 @@ def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int):
       return acc + x_c.T @ dy_c
 
     acc = jax.lax.fori_loop(0, (group_sizes_E[e] + chunk - 1) // chunk, per_chunk,
-                            jnp.zeros((d, f), jnp.float32))
+                            _zeros((d, f), jnp.float32, x_MxD, dy_MxF, group_sizes_E))
     return dw.at[e].set(acc.astype(dw.dtype))
 
   return jax.lax.fori_loop(0, num_groups, per_group,
-                           jnp.zeros((num_groups, d, f), x_MxD.dtype))
+                           _zeros((num_groups, d, f), x_MxD.dtype, x_MxD, dy_MxF,
+                                  group_sizes_E))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -167,7 +179,7 @@ def _chunked_bwd(chunk, res, dy_MxF):
   x_MxD, w_ExDxF, group_sizes_E = res
   dx = _chunked_gmm(dy_MxF, w_ExDxF, group_sizes_E, chunk, transpose_w=True)
   dw = _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, w_ExDxF.shape[0], chunk)
-  return dx, dw.astype(w_ExDxF.dtype), None
+  return (permute.like_primal(dx, x_MxD), permute.like_primal(dw.astype(w_ExDxF.dtype), w_ExDxF), None)
 
 
 chunked_gmm.defvjp(_chunked_fwd, _chunked_bwd)

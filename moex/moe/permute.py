@@ -31,14 +31,30 @@ def take_rows(x_NxD: jax.Array, index_M: jax.Array, inverse_NxJ: jax.Array) -> j
   return jnp.take(_pad_row(x_NxD), index_M, axis=0)
 
 
+def varying_axes(x) -> frozenset:
+  """Mesh axes `x` varies over inside shard_map (empty outside)."""
+  t = jax.typeof(x)
+  mat = getattr(t, "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()))
+
+
+def like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """Sums a cotangent over the mesh axes its primal does not vary over, as shard_map's own
+  autodiff does for an operand replicated along an axis (e.g. weights along `data`).
+  Custom VJPs used inside shard_map must return cotangents typed like their primals."""
+  extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
 def _fwd(x_NxD, index_M, inverse_NxJ):
-  return take_rows(x_NxD, index_M, inverse_NxJ), (index_M, inverse_NxJ)
+  # x[:0] keeps only x's type (its mesh-axis variance) for the backward pass.
+  return take_rows(x_NxD, index_M, inverse_NxJ), (index_M, inverse_NxJ, x_NxD[:0])
 
 
 def _bwd(res, dout_MxD):
-  index_M, inverse_NxJ = res
+  index_M, inverse_NxJ, x_type = res
   dx_NxD = _gather_sum(dout_MxD, inverse_NxJ)
-  return dx_NxD, None, None
+  return like_primal(dx_NxD, x_type), None, None
 
 
 take_rows.defvjp(_fwd, _bwd)

@@ -10,7 +10,10 @@ Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
   before dropping), expert_kept (E ints, after), dropped_fraction (1 - kept/load),
   needed_capacity_factor (smallest factor that would have dropped nothing in any sequence
   of the window), router_entropy (mean nats over tokens, full distribution over E),
-  load_balance_loss, z_loss (means over the window's steps), train_capacity_factor and
+  load_balance_loss, z_loss (means over the window's steps), rank_load (assignments routed
+  to each expert-parallel rank's experts), overload_factor (max / mean of rank_load),
+  ep_overflow (assignments the dropless expert-parallel buffer had no room for; 0 unless
+  moe.ep_buffer_factor bounds it), train_capacity_factor and
   train_capacity_dropped_fraction (what the training capacity drops/would drop on these
   tokens; on eval lines this answers "what would training have dropped here").
 """
@@ -27,13 +30,23 @@ _MAX_FIELDS = ("max_group_load",)
 
 def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
                 entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array,
-                seq_lb_loss: jax.Array | None = None) -> dict:
-  """One MoE layer's counts for one step (all on device)."""
+                seq_lb_loss: jax.Array | None = None, reduce=None,
+                ep_overflow_E: jax.Array | None = None) -> dict:
+  """One MoE layer's counts for one step (all on device).
+
+  `reduce` (a parallel.Axes) sums the counts over the batch mesh axes inside shard_map, so
+  every field is global; the loss terms given here must already be global.
+  """
+  psum = reduce.psum if reduce is not None else (lambda x: x)
+  pmax = reduce.pmax if reduce is not None else (lambda x: x)
+  e = load_GxE.shape[-1]
   return {
-      "expert_load": jnp.sum(load_GxE, axis=0),
-      "expert_kept": kept_E.astype(jnp.int32),
-      "train_capacity_kept": jnp.sum(jnp.minimum(load_GxE, train_capacity), axis=0),
-      "max_group_load": jnp.max(load_GxE),
+      "expert_load": psum(jnp.sum(load_GxE, axis=0)),
+      "expert_kept": psum(kept_E.astype(jnp.int32)),
+      "train_capacity_kept": psum(jnp.sum(jnp.minimum(load_GxE, train_capacity), axis=0)),
+      "ep_overflow": psum(jnp.zeros((e,), jnp.int32) if ep_overflow_E is None
+                          else ep_overflow_E.astype(jnp.int32)),
+      "max_group_load": pmax(jnp.max(load_GxE)),
       "entropy_sum": entropy_sum.astype(jnp.float32),
       "load_balance_loss": lb_loss.astype(jnp.float32),
       "z_loss": z.astype(jnp.float32),
@@ -49,6 +62,12 @@ def accumulate(acc: dict, new: dict) -> dict:
           for k in acc}
 
 
+def _overload(rank_load: np.ndarray) -> float:
+  """Max over mean of the assignments each expert-parallel rank receives (1.0 = even)."""
+  mean = rank_load.mean()
+  return float(rank_load.max() / mean) if mean > 0 else 1.0
+
+
 def zeros_like(stats: dict) -> dict:
   return jax.tree.map(jnp.zeros_like, stats)
 
@@ -56,7 +75,7 @@ def zeros_like(stats: dict) -> dict:
 def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_k: int,
             dispatch: str, capacity: int | None, capacity_factor: float | None,
             train_capacity: int, train_capacity_factor: float,
-            tokens_per_group: int) -> list[dict]:
+            tokens_per_group: int, expert_ranks: int = 1) -> list[dict]:
   """The moe_stats.jsonl lines of one window; `stats` holds host arrays [num_moe_layers,...]."""
   out = []
   for i, layer in enumerate(layers):
@@ -85,6 +104,9 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "load_balance_loss": float(s["load_balance_loss"]) / steps,
         "z_loss": float(s["z_loss"]) / steps,
         "seq_load_balance_loss": float(s["seq_load_balance_loss"]) / steps,
+        "rank_load": load.reshape(expert_ranks, -1).sum(-1).tolist(),
+        "overload_factor": _overload(load.reshape(expert_ranks, -1).sum(-1)),
+        "ep_overflow": int(s["ep_overflow"].sum()),
         "train_capacity": train_capacity,
         "train_capacity_factor": train_capacity_factor,
         "train_capacity_dropped_fraction":

@@ -70,3 +70,33 @@ def batch_shards(rules: Rules, mesh: Mesh) -> int:
   for a in axes:
     n *= mesh.shape[a]
   return n
+
+
+# The rules in force while a model is traced (set by the trainer around jit lowering), so
+# modules that need mesh axes by name (the MoE shard_map) read them from the one table.
+_RULES: list[tuple] = []
+
+
+class use_rules:  # pylint: disable=invalid-name
+  """Context manager: `with sharding.use_rules(cfg.mesh.rules): ...`."""
+
+  def __init__(self, rules: Rules):
+    self.rules = tuple(rules)
+
+  def __enter__(self):
+    _RULES.append(self.rules)
+    return self.rules
+
+  def __exit__(self, *exc):
+    _RULES.pop()
+
+
+def current_rules() -> tuple | None:
+  return _RULES[-1] if _RULES else None
+
+
+def mesh_axes(logical: str, rules: Rules, mesh) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that a logical axis is split over."""
+  axes = dict(rules).get(logical)
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)

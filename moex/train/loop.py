@@ -34,6 +34,20 @@ def prepare(cd: ml_collections.ConfigDict) -> config_lib.Config:
     raise config_lib.ConfigError(str(e)) from None
   cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
   mesh = mesh_lib.make_mesh(cfg.mesh)
+  ranks = 1
+  for a in sharding.mesh_axes("expert", cfg.mesh.rules, mesh):
+    ranks *= mesh.shape[a]
+  if cfg.moe.num_experts % ranks:
+    raise config_lib.ConfigError(
+        f"moe.num_experts: {cfg.moe.num_experts} experts do not divide over the {ranks} "
+        "expert-parallel ranks of the mesh")
+  tensor = 1
+  for a in sharding.mesh_axes("expert_mlp", cfg.mesh.rules, mesh):
+    tensor *= mesh.shape[a]
+  if cfg.moe.d_expert % tensor:
+    raise config_lib.ConfigError(
+        f"moe.d_expert: {cfg.moe.d_expert} does not divide over the {tensor}-way split of "
+        "each expert's hidden width (mesh.rules expert_mlp)")
   shards = sharding.batch_shards(cfg.mesh.rules, mesh)
   if cfg.data.batch_size % shards:
     raise config_lib.ConfigError(
@@ -104,12 +118,14 @@ def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str,
     state = ckpt.restore(latest, model.abstract_state, data.train_iter)
   logging.info("model: %.2fM parameters, MoE layers %s", state_lib.param_count(state) / 1e6,
                list(cfg.model.moe_layers))
-  runner = _Runner(cfg, mesh, model, data, tx, lr_schedule, workdir, ckpt, latest)
-  try:
-    return runner.run(state, max_steps)
-  finally:
-    runner.writer.close()
-    ckpt.close()
+  # Steps are traced under the mesh and the rules: the MoE layer's shard_map reads both.
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
+    runner = _Runner(cfg, mesh, model, data, tx, lr_schedule, workdir, ckpt, latest)
+    try:
+      return runner.run(state, max_steps)
+    finally:
+      runner.writer.close()
+      ckpt.close()
 
 
 class _Runner:
@@ -120,6 +136,9 @@ class _Runner:
     self.lr_schedule, self.ckpt = lr_schedule, ckpt
     self.writer = writers.Writer(workdir, resume_step=latest)
     self.batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
+    self.expert_ranks = 1
+    for a in sharding.mesh_axes("expert", cfg.mesh.rules, mesh):
+      self.expert_ranks *= mesh.shape[a]
     rep = sharding.replicated(mesh)
     b, l1 = cfg.data.batch_size, cfg.data.seq_len + 1
     abs_tokens = jax.ShapeDtypeStruct((b, l1), jnp.int32, sharding=self.batch_sh)
@@ -162,7 +181,8 @@ class _Runner:
         moe_host, step=step, split=split, layers=self.cfg.model.moe_layers, top_k=m.top_k,
         dispatch=path, capacity=m.capacity(l, cf) if cf else None, capacity_factor=cf,
         train_capacity=m.capacity(l, m.capacity_factor),
-        train_capacity_factor=m.capacity_factor, tokens_per_group=l)
+        train_capacity_factor=m.capacity_factor, tokens_per_group=l,
+        expert_ranks=self.expert_ranks)
 
   def evaluate(self, state: dict, step: int) -> dict:
     t0 = time.time()
