@@ -11,11 +11,19 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moex import config as config_lib
+from moex.parallel import distributed
 from moex.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run (also "
+    "MOEX_COORDINATOR_ADDRESS; TPU VM slices and SLURM jobs are detected without it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 60, "Seconds before the others give up on a dead process.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,6 +38,8 @@ class _QuietLibraries(logging.logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         heartbeat_timeout_seconds=_HEARTBEAT.value)
   logging.info("moex: process %d of %d, devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   try:

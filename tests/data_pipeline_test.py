@@ -72,6 +72,17 @@ def test_same_seed_same_order_other_seed_differs():
   assert not np.array_equal(np.stack(a), np.stack(c))
 
 
+def test_processes_split_the_single_process_batches():
+  tokens = _tokens(24 * L + 1)
+  one = pipeline.train_iterator(tokens, L, 8, seed=3)
+  two = [pipeline.train_iterator(tokens, L, 4, seed=3, process_index=p, process_count=2)
+         for p in range(2)]
+  for _ in range(5):  # across an epoch boundary (3 batches of 8 per epoch)
+    whole = next(one)["tokens"]
+    parts = np.concatenate([next(it)["tokens"] for it in two])
+    np.testing.assert_array_equal(parts, whole)
+
+
 def test_processes_get_disjoint_windows():
   tokens = _tokens(24 * L + 1)  # 24 windows: 12 per process, 3 batches of 4
   starts = []
@@ -101,9 +112,10 @@ def test_eval_batches_deterministic_and_capped():
   with mock.patch.object(pipeline.logging, "warning") as warning:
     capped = pipeline.eval_batches(tokens, L, 2, num_batches=100)
   assert len(capped) == 5 and warning.called
+  # Process 1 of 2 holds rows 2..3 of each global batch of 4.
   two = pipeline.eval_batches(tokens, L, 2, 10, process_index=1, process_count=2)
   assert (np.concatenate([b["tokens"] for b in two])[:, 0] // L).tolist() == [
-      1, 3, 5, 7]
+      2, 3, 6, 7]
   with pytest.raises(ValueError, match=r"validation split holds only 10 windows"):
     pipeline.eval_batches(tokens, L, 16, num_batches=1)
 

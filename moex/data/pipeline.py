@@ -74,16 +74,22 @@ def _as_example(tokens_BxL1: np.ndarray) -> dict[str, np.ndarray]:
   return {"tokens": tokens_BxL1}
 
 
-def _process_windows(
-    tokens: np.ndarray, seq_len: int, process_index: int, process_count: int
-) -> grain.MapDataset:
-  """This process's strided share of all windows (disjoint across processes)."""
+def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
     raise ValueError(
         f"data: process_index {process_index} not in [0, {process_count})"
     )
-  windows = grain.MapDataset.source(PackedWindows(tokens, seq_len))
-  return windows[process_index::process_count]
+
+
+class _ProcessRows:
+  """This process's rows of a global batch (module-level: grain may pickle it)."""
+
+  def __init__(self, process_index: int, batch_per_process: int):
+    self.start = process_index * batch_per_process
+    self.stop = self.start + batch_per_process
+
+  def __call__(self, global_batch: np.ndarray) -> np.ndarray:
+    return global_batch[self.start : self.stop]
 
 
 def train_iterator(
@@ -94,13 +100,20 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
-  """Endless, checkpointable iterator of {"tokens": int32 [B, L + 1]}."""
-  windows = _process_windows(tokens, seq_len, process_index, process_count)
-  if len(windows) < batch_per_process:
+  """Endless, checkpointable iterator of {"tokens": int32 [B, L + 1]}.
+
+  Every process walks the same shuffled sequence of global batches and keeps its own
+  rows, so the global batch at each step is the same whatever the process count (a
+  2-process run sees exactly the data of a 1-process run).
+  """
+  _check_process(process_index, process_count)
+  windows = grain.MapDataset.source(PackedWindows(tokens, seq_len))
+  global_batch = batch_per_process * process_count
+  if len(windows) < global_batch:
     raise ValueError(
-        f"data.batch_size: {batch_per_process} sequences per process but the"
-        f" train split holds only {len(windows)} windows of {seq_len + 1} tokens"
-        f" per process ({tokens.shape[0]} tokens, {process_count} processes)"
+        f"data.batch_size: {global_batch} sequences per batch but the train split"
+        f" holds only {len(windows)} windows of {seq_len + 1} tokens"
+        f" ({tokens.shape[0]} tokens)"
     )
   # shuffle before repeat: repeat reseeds the shuffle each epoch. The other
   # order shuffles indices of an infinite range and is not a per-epoch
@@ -108,7 +121,8 @@ def train_iterator(
   ds = (
       windows.shuffle(seed=seed)
       .repeat()
-      .batch(batch_per_process, drop_remainder=True)
+      .batch(global_batch, drop_remainder=True)
+      .map(_ProcessRows(process_index, batch_per_process))
       .map(_as_example)
   )
   return iter(ds.to_iter_dataset(_READ_OPTIONS))
@@ -122,26 +136,29 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
-  """The first `num_batches` unshuffled batches of this process's windows."""
-  windows = _process_windows(tokens, seq_len, process_index, process_count)
-  available = len(windows) // batch_per_process
+  """This process's rows of the first `num_batches` unshuffled global batches."""
+  _check_process(process_index, process_count)
+  windows = PackedWindows(tokens, seq_len)
+  global_batch = batch_per_process * process_count
+  available = len(windows) // global_batch
   if available < 1:
     raise ValueError(
-        f"data.batch_size: {batch_per_process} sequences per process but the"
+        f"data.batch_size: {global_batch} sequences per batch but the"
         f" validation split holds only {len(windows)} windows of {seq_len + 1}"
-        f" tokens per process; raise data.val_fraction or lower the batch size"
+        f" tokens; raise data.val_fraction or lower the batch size"
     )
   if num_batches > available:
     logging.warning(
-        "data.eval_batches: %d requested but validation holds only %d batches"
-        " of %d; using %d",
-        num_batches, available, batch_per_process, available,
+        "data.eval_batches: %d requested, validation holds %d; using %d",
+        num_batches, available, available,
     )
     num_batches = available
+  rows = _ProcessRows(process_index, batch_per_process)
   batches = []
   for b in range(num_batches):
-    rows = range(b * batch_per_process, (b + 1) * batch_per_process)
-    batches.append(_as_example(np.stack([windows[i] for i in rows])))
+    first = b * global_batch + rows.start
+    batches.append(_as_example(np.stack(
+        [windows[i] for i in range(first, first + batch_per_process)])))
   return batches
 
 

@@ -7,9 +7,12 @@ the new run uses.
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
+import jax
+from etils import epath
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -47,14 +50,29 @@ class Checkpointer:
     moved to its saved position in place."""
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=pipeline.data_restore_args(data_iter)))
+          state=ocp.args.StandardRestore(abstract_state)))
     except ValueError as e:  # Tree or shape mismatch: a different model or optimizer.
       reason = str(e).strip().splitlines()[0][:200]
       raise ConfigError(f"checkpoints: step {step} in {self.directory} does not match this "
                         f"config's model/optimizer ({reason}); use a new --workdir") from None
+    self._restore_data(step, data_iter)
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
+
+  def _restore_data(self, step: int, data_iter: grain.DatasetIterator) -> None:
+    """Sets the iterator to its saved position.
+
+    Every process iterates the same global batches (moex/data/pipeline.py), so all
+    processes saved the same position; this process's own file is used when it exists,
+    else process 0's, which lets a checkpoint move to a different number of processes.
+    """
+    data_dir = epath.Path(self.directory) / str(step) / "data"
+    mine = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    files = [mine] if mine.exists() else sorted(data_dir.glob("process_0-of-*.json"))
+    if not files:
+      raise ConfigError(f"checkpoints: step {step} in {self.directory} has no data-iterator "
+                        "state")
+    data_iter.set_state(json.loads(files[0].read_text()))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

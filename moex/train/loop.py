@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
@@ -74,12 +75,24 @@ class _StopFlag:
 
 @contextlib.contextmanager
 def _handle_signals(flag: _StopFlag):
-  old = {s: signal.signal(s, flag) for s in (signal.SIGTERM, signal.SIGINT)}
+  # With several processes JAX's preemption service owns SIGTERM and makes every process
+  # agree on the step to stop at (see _Runner.run); SIGINT stays ours.
+  sigs = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+  old = {s: signal.signal(s, flag) for s in sigs}
   try:
     yield
   finally:
     for s, h in old.items():
       signal.signal(s, h)
+
+
+def _to_host(tree):
+  """Host copies of (replicated) arrays; works when the mesh spans several processes."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -189,7 +202,7 @@ class _Runner:
     acc = self.eval_acc_zeros()
     for batch in self.data.eval_batches:
       acc = self.eval_step(state["params"], state["buffers"], acc, self._tokens(batch))
-    host = jax.device_get(acc)
+    host = _to_host(acc)
     summary = step_lib.eval_summary(host)
     seconds = time.time() - t0
     aux = {"load_balance_loss": None, "seq_load_balance_loss": None, "z_loss": None}
@@ -208,7 +221,7 @@ class _Runner:
 
   def run(self, state: dict, max_steps: int | None = None) -> dict:
     cfg = self.cfg.train
-    step = int(jax.device_get(state["step"]))
+    step = int(_to_host(state["step"]))
     total = cfg.steps
     stop_at = total if max_steps is None else min(total, step + max_steps)
     tokens_per_step = self.cfg.data.batch_size * self.cfg.data.seq_len
@@ -229,7 +242,7 @@ class _Runner:
         last = step == total
         now = time.time()
         if step % cfg.log_every == 0 or last:
-          host = jax.device_get(acc)
+          host = _to_host(acc)
           acc = self.train_acc_zeros()
           s = step_lib.train_summary(host)
           if s["nonfinite"]:
@@ -256,8 +269,10 @@ class _Runner:
           last_eval = self.evaluate(state, step)
         if step == stop_at and not last:
           flag.signal = "max_steps"
+        if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+          flag.signal = "preemption (SIGTERM)"
         if step % cfg.checkpoint_every == 0 or last or flag.signal is not None:
-          nonfinite = int(jax.device_get(acc["scalars"]["nonfinite"]))
+          nonfinite = int(_to_host(acc["scalars"]["nonfinite"]))
           if nonfinite:
             self._nonfinite(step)
           self.ckpt.save(step, state, self.data.train_iter)
