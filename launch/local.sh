@@ -58,7 +58,7 @@ while (( remaining > 0 )); do
       set +e; wait "$p"; rc=$?; set -e
       done_pids[$p]=1
       remaining=$((remaining - 1))
-      if (( rc != 0 )); then
+      if (( rc != 0 && status == 0 )); then  # the first failure is the one reported
         echo "local.sh: process pid $p exited with $rc; stopping the others" >&2
         status=$rc
         stop_all

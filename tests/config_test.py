@@ -87,3 +87,27 @@ def test_batch_must_divide_over_devices(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       "moex: config error: data.batch_size: 16 is not divisible by the 3 batch shards of "
       "the mesh")
+
+
+def _main8(tmp_path, *overrides):
+  import os
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  return _main(tmp_path, *overrides, env=env)
+
+
+def test_bad_layouts_fail_before_compiling_with_one_line(tmp_path):
+  cases = [
+      (("--config.mesh.data=3",), "moex: config error: mesh: data=3 x fsdp=1 x expert=1 x "
+       "tensor=1 = 3 devices, but 8 are available"),
+      (("--config.mesh.data=-1", "--config.mesh.expert=8", "--config.moe.num_experts=12"),
+       "moex: config error: moe.num_experts: 12 experts do not divide over the 8 "
+       "expert-parallel ranks of the mesh"),
+      (("--config.mesh.data=-1", "--config.mesh.expert=8", "--config.data.batch_size=12"),
+       "moex: config error: data.batch_size: 12 is not divisible by the 8 batch shards of "
+       "the mesh"),
+  ]
+  for overrides, line in cases:
+    r = _main8(tmp_path, *overrides)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == line
