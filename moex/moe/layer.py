@@ -12,7 +12,6 @@ On a mesh of more than one device the routed part runs inside `jax.shard_map`
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -150,9 +149,9 @@ def _sharded(fn, mesh, args, returns_bias: bool):
   batch = sharding.mesh_axes("batch", rules, mesh)
   expert = sharding.mesh_axes("expert", rules, mesh)
   tensor = sharding.mesh_axes("expert_mlp", rules, mesh)
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
-  ax = parallel.Axes(batch=batch, expert=expert, expert_size=size(expert), tensor=tensor,
-                     tensor_size=size(tensor))
+  ax = parallel.Axes(batch=batch, expert=expert,
+                     expert_size=sharding.split_size("expert", rules, mesh), tensor=tensor,
+                     tensor_size=sharding.split_size("expert_mlp", rules, mesh))
   e_spec = expert or None
   t_spec = tensor or None
   b_spec = batch or None

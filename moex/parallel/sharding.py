@@ -64,12 +64,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_shards(rules: Rules, mesh: Mesh) -> int:
   """How many ways the batch dimension is split."""
-  spec = batch_sharding(rules, mesh).spec[0]
-  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
-  return n
+  return split_size("batch", rules, mesh)
 
 
 # The rules in force while a model is traced (set by the trainer around jit lowering), so
@@ -100,3 +95,11 @@ def mesh_axes(logical: str, rules: Rules, mesh) -> tuple[str, ...]:
   axes = dict(rules).get(logical)
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def split_size(logical: str, rules: Rules, mesh) -> int:
+  """How many ways a logical axis is split (product of its mesh axes' sizes)."""
+  n = 1
+  for a in mesh_axes(logical, rules, mesh):
+    n *= mesh.shape[a]
+  return n

@@ -35,16 +35,12 @@ def prepare(cd: ml_collections.ConfigDict) -> config_lib.Config:
     raise config_lib.ConfigError(str(e)) from None
   cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  ranks = 1
-  for a in sharding.mesh_axes("expert", cfg.mesh.rules, mesh):
-    ranks *= mesh.shape[a]
+  ranks = sharding.split_size("expert", cfg.mesh.rules, mesh)
   if cfg.moe.num_experts % ranks:
     raise config_lib.ConfigError(
         f"moe.num_experts: {cfg.moe.num_experts} experts do not divide over the {ranks} "
         "expert-parallel ranks of the mesh")
-  tensor = 1
-  for a in sharding.mesh_axes("expert_mlp", cfg.mesh.rules, mesh):
-    tensor *= mesh.shape[a]
+  tensor = sharding.split_size("expert_mlp", cfg.mesh.rules, mesh)
   if cfg.moe.d_expert % tensor:
     raise config_lib.ConfigError(
         f"moe.d_expert: {cfg.moe.d_expert} does not divide over the {tensor}-way split of "
@@ -149,9 +145,7 @@ class _Runner:
     self.lr_schedule, self.ckpt = lr_schedule, ckpt
     self.writer = writers.Writer(workdir, resume_step=latest)
     self.batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
-    self.expert_ranks = 1
-    for a in sharding.mesh_axes("expert", cfg.mesh.rules, mesh):
-      self.expert_ranks *= mesh.shape[a]
+    self.expert_ranks = sharding.split_size("expert", cfg.mesh.rules, mesh)
     rep = sharding.replicated(mesh)
     b, l1 = cfg.data.batch_size, cfg.data.seq_len + 1
     abs_tokens = jax.ShapeDtypeStruct((b, l1), jnp.int32, sharding=self.batch_sh)
