@@ -16,7 +16,7 @@ ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_bias", "expert_cho
            "random")
 DROP_POLICIES = ("position", "probability")
 DISPATCHES = ("capacity", "dropless")
-GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "megablox")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -230,6 +230,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   if moe.router == "switch":
     _check(moe.top_k == 1, "moe.top_k", f"the switch router sends each token to 1 expert, "
            f"got {moe.top_k}")
+    _check(not moe.renormalize, "moe.renormalize",
+           "the switch router weights its one expert by p; renormalizing makes it 1 and "
+           "cuts the router's gradient")
   if moe.router == "sigmoid_bias":
     _check(moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0, "moe.num_groups",
            f"{moe.num_groups} must divide moe.num_experts={moe.num_experts}")

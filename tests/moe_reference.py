@@ -312,7 +312,7 @@ def _fast_compile_options() -> dict:
   return {"compiler_options": opts}
 
 
-_COMPILE = _fast_compile_options()
+JIT_OPTIONS = _fast_compile_options()
 
 
 def small_cfgs(**moe_overrides):
@@ -385,9 +385,9 @@ def _block_loss(graphdef, state, x, ct, tokens, rng, train):
   return jnp.sum(y * ct), (y, s)
 
 
-_block_forward = jax.jit(_block_apply, static_argnums=(0, 5), **_COMPILE)
+_block_forward = jax.jit(_block_apply, static_argnums=(0, 5), **JIT_OPTIONS)
 _block_grad = jax.jit(jax.grad(_block_loss, argnums=(1, 2), has_aux=True),
-                      static_argnums=(0, 6), **_COMPILE)
+                      static_argnums=(0, 6), **JIT_OPTIONS)
 
 
 def run_block(block, x, *, train: bool, ct=None, tokens=None, rng=None):
@@ -417,8 +417,8 @@ def _ref_loss(params, ct, bias_E, choices, spec):
   return jnp.sum(y * ct), (y, kept)
 
 
-_ref_forward = jax.jit(lambda *a: _ref_loss(*a)[1], static_argnums=(4,), **_COMPILE)
-_ref_grad = jax.jit(jax.grad(_ref_loss, has_aux=True), static_argnums=(4,), **_COMPILE)
+_ref_forward = jax.jit(lambda *a: _ref_loss(*a)[1], static_argnums=(4,), **JIT_OPTIONS)
+_ref_grad = jax.jit(jax.grad(_ref_loss, has_aux=True), static_argnums=(4,), **JIT_OPTIONS)
 
 
 def reference_spec(moe_cfg, capacity: int | None) -> dict:

@@ -12,10 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from moe_reference import (D, EDGE_ROUTERS, build_block, compare_with_reference,
-                           infer_uniform_choices, random_bias, random_weights, random_x,
-                           reference_choices, run_block, run_edge_case, small_cfgs,
-                           swiglu_numpy)
+from moe_reference import (
+  EDGE_ROUTERS,
+  D,
+  build_block,
+  compare_with_reference,
+  infer_uniform_choices,
+  random_bias,
+  random_weights,
+  random_x,
+  reference_choices,
+  run_block,
+  run_edge_case,
+  small_cfgs,
+  swiglu_numpy,
+)
 
 from moex.config import MoEConfig
 from moex.moe import routing
@@ -49,8 +60,9 @@ ROUTERS = {
 # (dispatch, grouped_matmul); capacity runs with a capacity that drops nothing.
 PATHS = [("capacity", "auto"), ("dropless", "ragged_dot"), ("dropless", "tiled"),
          ("dropless", "chunked")]
-# The two router variants run on two paths only (this file's time budget).
-_VARIANT_PATHS = [("capacity", "auto"), ("dropless", "chunked")]
+# The two router variants run on one path each (this file's time budget).
+_VARIANT_PATHS = {"softmax_topk_renormalized": [("capacity", "auto")],
+                  "sigmoid_bias_grouped": [("dropless", "chunked")]}
 
 
 @pytest.mark.parametrize("name", list(ROUTERS))
@@ -62,7 +74,7 @@ def test_router_matches_reference_with_grads_on_every_path(name):
   x, ct = random_x(b, l), random_x(b, l, seed=7)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 6, (b, l)), jnp.int32)
   bias = random_bias(e) if ROUTERS[name]["router"] == "sigmoid_bias" else None
-  paths = _VARIANT_PATHS if name.endswith(("_renormalized", "_grouped")) else PATHS
+  paths = _VARIANT_PATHS.get(name, PATHS)
   results = {}
   for path, backend in paths:
     moe = small_cfgs(**ROUTERS[name], dispatch=path, grouped_matmul=backend,
@@ -71,7 +83,7 @@ def test_router_matches_reference_with_grads_on_every_path(name):
                                            check_twice=True)
     np.testing.assert_array_equal(s["expert_kept"], s["expert_load"])
     results[path, backend] = y, choices
-  ys, all_choices = zip(*results.values())
+  all_choices = [c for _, c in results.values()]
   for c in all_choices[1:]:  # every path saw the same routing
     np.testing.assert_array_equal(np.sort(c, -1), np.sort(all_choices[0], -1))
   choices = all_choices[0]
@@ -80,10 +92,14 @@ def test_router_matches_reference_with_grads_on_every_path(name):
     for t in np.unique(tok):
       np.testing.assert_array_equal(choices[tok == t], np.repeat(
           choices[tok == t][:1], int(np.sum(tok == t)), axis=0))
-  if moe.router == "sigmoid_bias" and moe.num_groups == 1:
-    # The bias changes the choice here (else this test would not test it).
-    no_bias = reference_choices(x, w["router"], router="sigmoid_bias", top_k=moe.top_k)
-    assert not np.array_equal(np.sort(choices, -1), np.sort(no_bias, -1))
+  if moe.router == "sigmoid_bias":
+    # The bias, and the group limit, change some choices here (else they go untested).
+    plain = reference_choices(x, w["router"], router="sigmoid_bias", top_k=moe.top_k)
+    assert not np.array_equal(np.sort(choices, -1), np.sort(plain, -1))
+    if moe.num_groups > 1:
+      ungrouped = reference_choices(x, w["router"], router="sigmoid_bias", top_k=moe.top_k,
+                                    bias_E=bias)
+      assert not np.array_equal(np.sort(choices, -1), np.sort(ungrouped, -1))
 
 
 @pytest.mark.parametrize("cf,c", [(1.0, 4), (4.0, 8)])
@@ -101,9 +117,9 @@ def test_expert_choice_matches_reference_with_grads(cf, c):
 
 # Edge cases (moe_reference.EDGE_CASES) on the case's dropless backend, each router in one
 # case at least; moe_capacity_test.py runs every router of every case with drops.
-DROPLESS_EDGE_GRID = [("few_tokens", "topk_softmax"), ("few_tokens", "sigmoid_bias"),
-                      ("few_tokens", "random"), ("one_expert", "switch"),
-                      ("one_expert", "sigmoid_bias"), ("one_expert", "hash"),
+# (topk_softmax runs these three dropless in moe_layer_test.py.)
+DROPLESS_EDGE_GRID = [("few_tokens", "sigmoid_bias"), ("few_tokens", "random"),
+                      ("one_expert", "switch"), ("one_expert", "hash"),
                       ("k_equals_e", "softmax_topk"), ("k_equals_e", "hash"),
                       ("k_equals_e", "random")]
 assert all(r in EDGE_ROUTERS[c] for c, r in DROPLESS_EDGE_GRID)
@@ -226,10 +242,6 @@ def test_random_router_at_eval_is_deterministic():
   assert not np.array_equal(sets_a, sets_b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "moex/moe/layer.py MoEBlock.__call__ uses the caller's rng at eval: `rng = PRNGKey(0) "
-    "if rng is None else rng`, so the random router is only fixed at eval when the caller "
-    "passes rng=None (the eval step does); fix: use the fixed key whenever not train"))
 def test_random_router_at_eval_ignores_rng():
   moe, w, x = _block_and_data("random")
   block = build_block(moe, w)
@@ -257,16 +269,6 @@ def test_jitter_in_training_only():
   assert any(not np.array_equal(s["expert_load"], s_plain["expert_load"]) for _, s, _ in runs)
 
 
-# MoEBlock.__init__ (moex/moe/layer.py) sets `self.shared = None` and then, with shared
-# experts, `self.shared = SwiGLU(...)`: flax 0.12 made the attribute static at the first
-# assignment and refuses the module, so no block with shared experts can be built.
-SHARED_BUG = pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "moex/moe/layer.py MoEBlock.__init__: `self.shared = None` then `self.shared = "
-    "SwiGLU(...)` raises 'Cannot assign data value ... to static attribute shared' in flax "
-    "0.12; fix: one assignment `self.shared = SwiGLU(...) if n else None` or nnx.data()"))
-
-
-@SHARED_BUG
 @pytest.mark.parametrize("router,path", [("topk_softmax", ("capacity", "auto")),
                                          ("sigmoid_bias", ("dropless", "chunked"))])
 def test_shared_experts_add_a_swiglu(router, path):
@@ -285,7 +287,6 @@ def test_shared_experts_add_a_swiglu(router, path):
                              **TOL)
 
 
-@SHARED_BUG
 def test_shared_expert_width():
   from moex.moe.layer import MoEBlock  # pylint: disable=g-import-not-at-top
 

@@ -110,10 +110,10 @@ class MoEBlock(nnx.Module):
     self.experts = experts_lib.Experts(moe_cfg.num_experts, model_cfg.d_model,
                                        moe_cfg.d_expert, model_cfg.init_std, out_std,
                                        jnp.dtype(model_cfg.param_dtype), rngs)
-    self.shared = None
-    if moe_cfg.num_shared_experts:
-      width = moe_cfg.num_shared_experts * (moe_cfg.d_shared or moe_cfg.d_expert)
-      self.shared = SwiGLU(model_cfg.d_model, width, model_cfg, rngs)
+    width = moe_cfg.num_shared_experts * (moe_cfg.d_shared or moe_cfg.d_expert)
+    # Assigned once: NNX fixes an attribute as data or static on first assignment.
+    self.shared = (SwiGLU(model_cfg.d_model, width, model_cfg, rngs)
+                   if moe_cfg.num_shared_experts else None)
 
   def dispatch_mode(self, train: bool) -> tuple[str, float | None]:
     return dispatch_mode(self.cfg, train)
@@ -121,7 +121,8 @@ class MoEBlock(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array | None = None,
                rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
     b, l, _ = x_BxLxD.shape
-    rng = jax.random.PRNGKey(0) if rng is None else rng  # fixed at eval: deterministic
+    if rng is None or not train:  # evaluation routing is deterministic: a fixed key
+      rng = jax.random.PRNGKey(0)
     if tokens_BxL is None:
       tokens_BxL = jnp.zeros((b, l), jnp.int32)
     bias_E = None if self.router.bias_E is None else self.router.bias_E[...]

@@ -39,6 +39,8 @@ def logical_to_spec(names: Iterable[str | None], rules: Rules, mesh: Mesh,
       axes = ()
     used.update(axes)
     spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  while spec and spec[-1] is None:  # P(None, None) == P() for jit's cache: keep one form
+    spec.pop()
   return P(*spec)
 
 

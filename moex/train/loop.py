@@ -24,7 +24,8 @@ from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.moe import stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
-from moex.train import checkpoint, optimizer, state as state_lib, step as step_lib, writers
+from moex.train import checkpoint, flops, optimizer, state as state_lib, step as step_lib
+from moex.train import writers
 
 
 def prepare(cd: ml_collections.ConfigDict) -> config_lib.Config:
@@ -146,6 +147,7 @@ class _Runner:
     self.writer = writers.Writer(workdir, resume_step=latest)
     self.batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
     self.expert_ranks = sharding.split_size("expert", cfg.mesh.rules, mesh)
+    self.mfu = flops.MFU(cfg, mesh.devices.size)
     rep = sharding.replicated(mesh)
     b, l1 = cfg.data.batch_size, cfg.data.seq_len + 1
     abs_tokens = jax.ShapeDtypeStruct((b, l1), jnp.int32, sharding=self.batch_sh)
@@ -248,7 +250,8 @@ class _Runner:
                     "learning_rate": float(self.lr_schedule(step - 1)),
                     "grad_norm": s["grad_norm"], "tokens_per_sec": tps,
                     "load_balance_loss": s["load_balance_loss"],
-                    "seq_load_balance_loss": s["seq_load_balance_loss"], "z_loss": s["z_loss"]}
+                    "seq_load_balance_loss": s["seq_load_balance_loss"], "z_loss": s["z_loss"],
+                    **self.mfu(tps)}
           self.writer.metrics(record)
           self.writer.moe_stats(self._moe_records(host["moe"], step, "train"))
           t_window, window_start = now, step
@@ -285,8 +288,10 @@ class _Runner:
     return result
 
   def _progress(self, step, total, loss, tps, sec_per_step):
-    logging.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | %s left", step, total,
-                 loss, float(self.lr_schedule(step - 1)), tps,
+    mfu = self.mfu(tps)["mfu"]
+    logging.info("step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | MFU %s | %s left", step,
+                 total, loss, float(self.lr_schedule(step - 1)), tps,
+                 "n/a" if mfu is None else f"{mfu:.1%}",
                  _fmt_time(sec_per_step * (total - step)))
 
   def _nonfinite(self, step: int):

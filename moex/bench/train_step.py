@@ -1,0 +1,89 @@
+"""Times the jitted train step of a config: step time, tokens/s, model TFLOP/s, MFU.
+
+  python -m moex.bench.train_step --config=experiments/tiny.py [--steps=10] [--json=out.json]
+
+Compiles (AOT), warms up, then times `--steps` steps on a fixed random batch (data loading
+is not part of the step). Model FLOPs follow moex/train/flops.py (active parameters only,
+never capacity padding); MFU divides by the peak of the devices (a cached matmul probe on
+CPU). Also prints XLA's own count of the compiled step's FLOPs, for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from moex import config as config_lib
+from moex.data import tokenizer as tokenizer_lib
+from moex.parallel import mesh as mesh_lib, sharding
+from moex.train import flops, optimizer, state as state_lib, step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
+flags.mark_flags_as_required(["config"])
+
+
+def bench(cd, steps: int, warmup: int) -> dict:
+  cfg = config_lib.validate(cd, vocab_size=tokenizer_lib.get_tokenizer(
+      cd.data.tokenizer).vocab_size)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
+  model, init_fn = state_lib.build(cfg, tx, mesh)
+  state = init_fn(cfg.seed)
+  batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
+  tokens = jax.device_put(np.random.default_rng(0).integers(
+      0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), np.int32), batch_sh)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
+    core, _ = step_lib.make_train_step(cfg, model.graphdef, tx)
+    t = time.perf_counter()
+    compiled = jax.jit(core, in_shardings=(model.state_shardings, batch_sh),
+                       out_shardings=(model.state_shardings, sharding.replicated(mesh)),
+                       donate_argnums=0).lower(model.abstract_state, tokens).compile()
+    compile_s = time.perf_counter() - t
+    for _ in range(warmup):
+      state, m = compiled(state, tokens)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      state, m = compiled(state, tokens)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  step_s = statistics.median(times)
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  tps = tokens_per_step / step_s
+  mfu = flops.MFU(cfg, mesh.devices.size)
+  return {"device": jax.devices()[0].device_kind, "devices": mesh.devices.size,
+          "compile_s": compile_s, "step_ms": step_s * 1e3, "tokens_per_sec": tps,
+          "model_flops_per_token": mfu.flops_per_token,
+          "xla_flops_per_step": float(cost.get("flops", 0.0)),
+          "peak_tflops_per_device": None if mfu.peak is None else mfu.peak / 1e12, **mfu(tps)}
+
+
+def main(argv):
+  del argv
+  r = bench(_CONFIG.value, _STEPS.value, _WARMUP.value)
+  model_flops_step = r["model_flops_per_token"] * r["tokens_per_sec"] * r["step_ms"] / 1e3
+  print(f"{r['device']} x{r['devices']}: compile {r['compile_s']:.1f}s, step "
+        f"{r['step_ms']:.1f} ms, {r['tokens_per_sec']:.0f} tok/s, "
+        f"{r['model_tflops_per_sec_per_device'] * 1e3:.1f} model GFLOP/s per device, MFU "
+        f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} (peak "
+        f"{r['peak_tflops_per_device']:.3f} TFLOP/s per device); XLA counts "
+        f"{r['xla_flops_per_step'] / max(model_flops_step, 1):.2f}x the model FLOPs")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

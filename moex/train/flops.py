@@ -1,0 +1,131 @@
+"""Model FLOPs and MFU, counted the honest way: only the work a token must do.
+
+Per trained token: 6 x active parameters (forward 2, backward 4 FLOPs per weight) where
+active = embedding + unembedding + attention projections + per MoE layer (router + K
+routed experts + shared experts) + per dense layer its SwiGLU; plus causal attention's
+quadratic term, 6 x L x H x A per layer per token (QK^T and AV, 2 FLOPs per multiply-add,
+halved for the causal mask, times 3 for training). Capacity padding, dropped-token
+buffers, the padded expert-parallel buffers and whatever a backend wastes are never
+counted (MaxText's `calculate_tflops_training_per_device` convention). Norms, softmaxes
+and the optimizer are not counted either.
+
+MFU = model FLOPs per second / the devices' peak. Peaks: a table of bf16 dense figures for
+common accelerators, and on CPU a float32 matmul probe measured once and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from moex.config import Config
+
+# bf16 dense peak per chip (TFLOP/s), from the vendors' data sheets.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5e": 197.0,
+    "TPU v5": 459.0,  # v5p
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "TPU v6e": 918.0,
+    "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0,  # SXM; the PCIe card is 756
+    "NVIDIA H200": 989.0,
+}
+
+
+def active_params_per_token(cfg: Config) -> dict[str, int]:
+  """Parameters a token's forward pass multiplies with, by part."""
+  m, e = cfg.model, cfg.moe
+  d = m.d_model
+  attn = d * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  moe_layers = len(m.moe_layers)
+  dense_layers = m.num_layers - moe_layers
+  shared = e.num_shared_experts * (e.d_shared or e.d_expert)
+  return {
+      "embedding": m.vocab_size * d,
+      "unembedding": d * m.vocab_size,
+      "attention": m.num_layers * attn,
+      "router": moe_layers * d * e.num_experts,
+      "routed_experts": moe_layers * e.top_k * 3 * d * e.d_expert,
+      "shared_experts": moe_layers * 3 * d * shared,
+      "dense_ffn": dense_layers * 3 * d * m.d_ff,
+  }
+
+
+def train_flops_per_token(cfg: Config) -> float:
+  """Model FLOPs to train on one token (forward + backward)."""
+  m = cfg.model
+  params = sum(active_params_per_token(cfg).values())
+  attention_quadratic = 6 * m.num_layers * cfg.data.seq_len * m.num_heads * m.head_dim / 2
+  return 6.0 * params + attention_quadratic
+
+
+def _cache_path() -> str:
+  root = os.environ.get("MOEX_CACHE_DIR") or os.path.expanduser("~/.cache/moex")
+  return os.path.join(root, "cpu_peak.json")
+
+
+def _cpu_key() -> str:
+  return f"{platform.processor() or platform.machine()}|{os.cpu_count()}|jax {jax.__version__}"
+
+
+def cpu_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+  """Float32 matmul FLOP/s of this CPU (best of `repeats`), measured once and cached."""
+  path, key = _cache_path(), _cpu_key()
+  try:
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("key") == key:
+      return float(cached["flops"])
+  except (OSError, ValueError):
+    pass
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  flops = 2 * size ** 3 / best
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"key": key, "flops": flops, "matmul": size}, f)
+  logging.info("CPU peak: %.1f GFLOP/s (float32 %d^3 matmul; cached in %s)", flops / 1e9,
+               size, path)
+  return flops
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+  """Peak FLOP/s of one device, or None when its kind is unknown."""
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    return cpu_peak_flops() / max(len(jax.local_devices()), 1)  # simulated devices share it
+  kind = device.device_kind
+  for name in sorted(PEAK_TFLOPS, key=len, reverse=True):
+    if kind.startswith(name):
+      return PEAK_TFLOPS[name] * 1e12
+  logging.warning("no peak FLOP/s known for %r: MFU not reported", kind)
+  return None
+
+
+class MFU:
+  """Turns tokens/s into model TFLOP/s per device and MFU."""
+
+  def __init__(self, cfg: Config, num_devices: int):
+    self.flops_per_token = train_flops_per_token(cfg)
+    self.num_devices = num_devices
+    self.peak = device_peak_flops()
+
+  def __call__(self, tokens_per_sec: float) -> dict:
+    per_device = self.flops_per_token * tokens_per_sec / self.num_devices
+    return {"model_tflops_per_sec_per_device": per_device / 1e12,
+            "mfu": per_device / self.peak if self.peak else None}

@@ -1,0 +1,59 @@
+"""moex/train/flops.py: model FLOPs count only active work; MFU and peaks."""
+
+import jax
+import pytest
+
+from experiments import tiny
+from moex import config as config_lib
+from moex.train import flops
+
+
+def _cfg(**moe):
+  cd = tiny.get_config()
+  for k, v in moe.items():
+    cd.moe[k] = v
+  return config_lib.validate(cd, vocab_size=259)
+
+
+def test_flops_per_token_by_hand():
+  cfg = _cfg()
+  d, v, layers, e, k, f = 128, 259, 4, 8, 2, 256
+  attn = d * 32 * (2 * 4 + 2 * 2)
+  params = 2 * v * d + layers * (attn + d * e + k * 3 * d * f)
+  quadratic = 6 * layers * 256 * 4 * 32 / 2
+  assert flops.train_flops_per_token(cfg) == pytest.approx(6 * params + quadratic)
+
+
+def test_capacity_factor_and_dispatch_do_not_change_model_flops():
+  base = flops.train_flops_per_token(_cfg())
+  assert flops.train_flops_per_token(_cfg(capacity_factor=2.0)) == base
+  assert flops.train_flops_per_token(_cfg(dispatch="dropless")) == base
+  assert flops.train_flops_per_token(_cfg(top_k=4)) > base  # more active experts
+
+
+def test_mfu_uses_per_device_peak(monkeypatch):
+  monkeypatch.setattr(flops, "device_peak_flops", lambda device=None: 1e12)
+  mfu = flops.MFU(_cfg(), num_devices=2)
+  r = mfu(tokens_per_sec=1000.0)
+  per_device = mfu.flops_per_token * 1000.0 / 2
+  assert r["model_tflops_per_sec_per_device"] == pytest.approx(per_device / 1e12)
+  assert r["mfu"] == pytest.approx(per_device / 1e12)
+
+
+def test_peak_table_lookup():
+  class Dev:
+    platform = "gpu"
+    device_kind = "NVIDIA H100 80GB HBM3"
+  assert flops.device_peak_flops(Dev()) == 989e12
+  Dev.device_kind = "TPU v5 lite"
+  assert flops.device_peak_flops(Dev()) == 197e12
+  Dev.device_kind = "Mystery chip"
+  assert flops.device_peak_flops(Dev()) is None
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path))
+  first = flops.cpu_peak_flops(size=256, repeats=2)
+  assert first > 0 and (tmp_path / "cpu_peak.json").exists()
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("re-measured"))
+  assert flops.cpu_peak_flops(size=256) == first
