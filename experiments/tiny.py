@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.init_std = 0.02  # Stddev of the normal initializers (output projections scaled down).
   m.dtype = "float32"  # Compute dtype (bfloat16 on accelerators); router stays float32.
   m.param_dtype = "float32"  # Parameter storage dtype.
+  m.remat = "none"  # Rematerialize each block in the backward pass: "none", "full", or a
+  # jax.checkpoint_policies name ("dots_saveable", "dots_with_no_batch_dims_saveable").
 
   c.moe = e = ml_collections.ConfigDict()
   e.num_experts = 8  # Experts E per MoE layer.
@@ -95,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3  # Checkpoints kept on disk.
   t.async_checkpointing = True  # Write checkpoints in a background thread.
   t.progress_seconds = 10.0  # A progress line at least this often.
+  t.grad_accum_steps = 1  # Micro-batches per step (gradients averaged; same result).
 
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Mesh axis sizes; one may be -1 = all remaining devices.

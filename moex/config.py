@@ -20,6 +20,7 @@ GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ class ModelConfig:
   init_std: float
   dtype: str
   param_dtype: str
+  remat: str = "none"
 
   def is_moe_layer(self, i: int) -> bool:
     """Whether block i uses an MoE feed-forward block."""
@@ -120,6 +122,7 @@ class TrainConfig:
   keep_checkpoints: int
   async_checkpointing: bool
   progress_seconds: float
+  grad_accum_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,7 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   _check(0 <= model.first_dense_layers <= model.num_layers, "model.first_dense_layers",
          f"must be in [0, model.num_layers={model.num_layers}]")
   _one_of("model.dtype", model.dtype, DTYPES)
+  _one_of("model.remat", model.remat, REMAT_POLICIES)
   _one_of("model.param_dtype", model.param_dtype, DTYPES)
 
   _positive("moe", moe, "num_experts", "top_k", "d_expert")
@@ -260,7 +264,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   _check(opt.grad_clip >= 0, "opt.grad_clip", "must be >= 0 (0 disables clipping)")
 
   _positive("train", train, "steps", "log_every", "eval_every", "checkpoint_every",
-            "keep_checkpoints", "progress_seconds")
+            "keep_checkpoints", "progress_seconds", "grad_accum_steps")
+  _check(data.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
+         f"{train.grad_accum_steps} does not divide data.batch_size={data.batch_size}")
 
   sizes = mesh.shape
   for a, s in sizes.items():

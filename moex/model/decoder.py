@@ -42,6 +42,7 @@ class Decoder(nnx.Module):
     self.embed = Embed(cfg, rngs)
     # Named attributes (not a list) keep checkpoint keys readable: block_0, block_1, ...
     self.num_layers = cfg.num_layers
+    self.remat = cfg.remat
     for i in range(cfg.num_layers):
       setattr(self, f"block_{i}", Block(cfg, moe_cfg, cfg.is_moe_layer(i), rngs))
     self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
@@ -53,10 +54,16 @@ class Decoder(nnx.Module):
     """`rng` drives router noise in training; None at eval (routing is then deterministic)."""
     x_BxLxD = self.embed(tokens_BxL)
     moe_stats = []
+    def run_block(block, x_BxLxD, layer_rng):
+      return block(x_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=layer_rng)
+
+    if self.remat != "none":  # recompute each block's activations in the backward pass
+      policy = (None if self.remat == "full"
+                else getattr(jax.checkpoint_policies, self.remat))
+      run_block = nnx.remat(run_block, policy=policy)
     for i in range(self.num_layers):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BxLxD, stats = getattr(self, f"block_{i}")(x_BxLxD, train=train, tokens_BxL=tokens_BxL,
-                                                    rng=layer_rng)
+      x_BxLxD, stats = run_block(getattr(self, f"block_{i}"), x_BxLxD, layer_rng)
       if stats is not None:
         moe_stats.append(stats)
     x_BxLxD = self.final_norm(x_BxLxD)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # How each field combines across the steps of a logging window.
-_MAX_FIELDS = ("max_group_load",)
+MAX_FIELDS = ("max_group_load",)
 
 
 def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
@@ -58,7 +58,7 @@ def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
 
 def accumulate(acc: dict, new: dict) -> dict:
   """Adds one step's stats to the window (max for the max fields)."""
-  return {k: (jnp.maximum(acc[k], new[k]) if k in _MAX_FIELDS else acc[k] + new[k])
+  return {k: (jnp.maximum(acc[k], new[k]) if k in MAX_FIELDS else acc[k] + new[k])
           for k in acc}
 
 

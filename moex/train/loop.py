@@ -51,6 +51,11 @@ def prepare(cd: ml_collections.ConfigDict) -> config_lib.Config:
     raise config_lib.ConfigError(
         f"data.batch_size: {cfg.data.batch_size} is not divisible by the {shards} batch "
         "shards of the mesh")
+  if (cfg.data.batch_size // cfg.train.grad_accum_steps) % shards:
+    raise config_lib.ConfigError(
+        f"train.grad_accum_steps: micro-batches of {cfg.data.batch_size} / "
+        f"{cfg.train.grad_accum_steps} sequences do not divide over the {shards} batch "
+        "shards of the mesh")
   if cfg.data.batch_size % jax.process_count():
     raise config_lib.ConfigError(
         f"data.batch_size: {cfg.data.batch_size} is not divisible by "

@@ -55,6 +55,15 @@ def loss_fn(params, buffers, tokens_BxL1, rng, *, graphdef, cfg: Config):
   return loss, {"cross_entropy": ce, **terms, "moe": moe, "buffers": new_buffers}
 
 
+_MEAN_AUX = ("cross_entropy", "load_balance_loss", "seq_load_balance_loss", "z_loss")
+
+
+def _fold(moe_A: dict) -> dict:
+  """Stacked per-micro-batch MoE stats [A-1, ...] combined into one window."""
+  return {k: (jnp.max(v, axis=0) if k in moe_stats.MAX_FIELDS else jnp.sum(v, axis=0))
+          for k, v in moe_A.items()}
+
+
 def accumulate(acc: dict, new: dict) -> dict:
   """Adds one step's {"scalars", "moe"} into the window accumulator."""
   out = {"scalars": jax.tree.map(jnp.add, acc["scalars"], new["scalars"])}
@@ -73,9 +82,37 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
   grad_fn = jax.value_and_grad(
       lambda p, b, t, r: loss_fn(p, b, t, r, graphdef=graphdef, cfg=cfg), has_aux=True)
 
+  accum = cfg.train.grad_accum_steps
+
+  def accumulated_grads(params, buffers, tokens_BxL1, rng):
+    """Mean loss and gradients over `accum` equal micro-batches (a scan: one compiled
+    micro-step). Buffers (the router bias) update micro-batch by micro-batch; MoE counts
+    add up; the balancing terms are those of each micro-batch, averaged."""
+    if accum == 1:
+      return grad_fn(params, buffers, tokens_BxL1, rng)
+    b = tokens_BxL1.shape[0]
+    micro_AxBxL1 = tokens_BxL1.reshape(accum, b // accum, -1)
+
+    def body(carry, xs):
+      buffers, sums = carry
+      tokens, i = xs
+      (loss, aux), grads = grad_fn(params, buffers, tokens, jax.random.fold_in(rng, i))
+      new = {"loss": loss, "grads": grads, **{k: aux[k] for k in _MEAN_AUX}}
+      sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
+      return (aux["buffers"], sums), aux["moe"]
+
+    first = body((buffers, None), (micro_AxBxL1[0], 0))
+    (buffers, sums), moe_A = jax.lax.scan(
+        body, first[0], (micro_AxBxL1[1:], jnp.arange(1, accum)))
+    sums = jax.tree.map(lambda x: x / accum, sums)
+    moe = moe_stats.accumulate(first[1], _fold(moe_A)) if first[1] else {}
+    aux = {**{k: sums[k] for k in _MEAN_AUX}, "moe": moe, "buffers": buffers}
+    return (sums["loss"], aux), sums["grads"]
+
   def core(state: dict, tokens_BxL1: jax.Array):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    (loss, aux), grads = grad_fn(state["params"], state["buffers"], tokens_BxL1, rng)
+    (loss, aux), grads = accumulated_grads(state["params"], state["buffers"], tokens_BxL1,
+                                           rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
