@@ -21,7 +21,7 @@ def _exact_float32_matmuls():
 
 
 D, F = 16, 32
-BACKENDS = ("ragged_dot", "tiled", "chunked")
+BACKENDS = ("ragged_dot", "tiled", "chunked", "megablox")
 GROUP_SIZES = {
     "empty_groups": [3, 0, 5, 0],  # an empty group inside and one at the end
     "leading_empty": [0, 0, 7, 6],
@@ -76,7 +76,7 @@ def test_tiled_layout_any_tile(tile):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["tiled", "chunked"])
+@pytest.mark.parametrize("backend", ["tiled", "chunked", "megablox"])
 @pytest.mark.parametrize("case", sorted(GROUP_SIZES))
 def test_gradients_equal_ragged_dot(case, backend):
   x, w, sizes_E = _inputs(GROUP_SIZES[case], seed=2)

@@ -8,7 +8,11 @@ Backends behind `grouped_matmul(..., backend=)`:
   at most one partial tile per group). Static shapes: ceil(M / tile) + E tiles.
 - "chunked": for CPU. Per-expert loops over fixed-size row chunks; the weight is read once
   per expert and only owned chunks run (custom VJP; see below).
-- "auto": "ragged_dot" on GPU/TPU, "chunked" on CPU.
+- "megablox": the Pallas TPU grouped-matmul kernel (`jax.experimental.pallas.ops.tpu.
+  megablox`, with its own gmm/tgmm backward). Runs in Pallas interpret mode off TPU (slow;
+  for tests).
+- "auto": "megablox" on TPU when the installed jax has it, "ragged_dot" on GPU (and on TPU
+  otherwise), "chunked" on CPU.
 """
 
 from __future__ import annotations
@@ -22,10 +26,39 @@ import jax.numpy as jnp
 from moex.moe import permute
 
 
+def _megablox():
+  try:
+    from jax.experimental.pallas.ops.tpu.megablox import ops  # pylint: disable=g-import-not-at-top
+    return ops
+  except ImportError:
+    return None
+
+
 def resolve_backend(backend: str) -> str:
   if backend != "auto":
     return backend
-  return "chunked" if jax.default_backend() == "cpu" else "ragged_dot"
+  platform = jax.default_backend()
+  if platform == "cpu":
+    return "chunked"
+  if platform == "tpu" and _megablox() is not None:
+    return "megablox"
+  return "ragged_dot"
+
+
+def megablox_gmm(x_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+  """The Pallas megablox kernel; rows padded to its 128-row tiles."""
+  ops = _megablox()
+  if ops is None:
+    raise ValueError("moe.grouped_matmul: megablox is not in this jax installation")
+  m, d = x_MxD.shape
+  f = w_ExDxF.shape[-1]
+  tm = 128
+  pad = (-m) % tm
+  x = jnp.concatenate([x_MxD, jnp.zeros((pad, d), x_MxD.dtype)]) if pad else x_MxD
+  tiling = (tm, min(128, d), min(128, f))
+  out = ops.gmm(x, w_ExDxF, group_sizes_E.astype(jnp.int32), x_MxD.dtype, tiling, None,
+                None, False, jax.default_backend() != "tpu")
+  return out[:m]
 
 
 def default_tile(num_rows: int, num_groups: int) -> int:
@@ -83,6 +116,8 @@ def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Arra
     layout = TiledLayout(group_sizes_E, x_MxD.shape[0],
                          default_tile(x_MxD.shape[0], w_ExDxF.shape[0]))
     return layout.unpad(layout.matmul(layout.pad(x_MxD), w_ExDxF))
+  if backend == "megablox":
+    return megablox_gmm(x_MxD, w_ExDxF, group_sizes_E)
   if backend == "chunked":
     return chunked_gmm(x_MxD, w_ExDxF, group_sizes_E,
                        default_chunk(x_MxD.shape[0], w_ExDxF.shape[0]))
