@@ -70,6 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Dropless across expert-parallel ranks: rows per device pair = factor * T_local * K /
   # ranks; 0 = T_local * K (never overflows; overflow is counted in moe_stats).
   e.ep_buffer_factor = 0.0
+  e.stats_max_experts = 64  # Above this many experts moe_stats.jsonl summarizes per-expert
+  # lists (percentiles, histogram) instead of writing them whole.
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # "stdlib" or comma-separated text files / globs.

@@ -83,6 +83,7 @@ class MoEConfig:
   aux_reduce: str = "mean"
   grouped_matmul: str = "auto"
   ep_buffer_factor: float = 0.0
+  stats_max_experts: int = 64
 
   def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
     """Per-expert buffer size C = max(ceil(cf * S * K / E), min_capacity) for a group of S."""
@@ -225,6 +226,7 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
          f"must be >= 0 (0 = dropless), got {moe.eval_capacity_factor!r}")
   _check(moe.min_capacity >= 0, "moe.min_capacity", "must be >= 0")
   _one_of("moe.drop_policy", moe.drop_policy, DROP_POLICIES)
+  _check(moe.stats_max_experts >= 1, "moe.stats_max_experts", "must be >= 1")
   _check(moe.ep_buffer_factor >= 0, "moe.ep_buffer_factor", "must be >= 0 (0 = never overflow)")
   for name in ("load_balance_weight", "seq_load_balance_weight", "z_loss_weight",
                "bias_update_rate", "num_shared_experts", "d_shared"):

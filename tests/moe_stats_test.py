@@ -108,3 +108,42 @@ def test_records_empty_window():
   assert rec["tokens"] == 0 and rec["dropped_fraction"] == 0.0
   assert rec["train_capacity_dropped_fraction"] == 0.0
   assert rec["router_entropy"] == 0.0 and rec["load_balance_loss"] == 0.0
+
+
+def test_topk_margin_and_cooccurrence_on_a_hand_built_routing():
+  # 3 tokens, E=4, K=2. Probabilities sorted per token: gaps p(2) - p(3) = .2, .1, 0.
+  probs = jnp.array([[[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.25, 0.25, 0.25, 0.25]]])
+  index = jnp.array([[[0, 1], [0, 2], [0, 3]]], jnp.int32)
+  s = stats.routing_shape_stats(index, probs)
+  assert float(s["topk_margin_sum"]) == pytest.approx(0.2 + 0.3 + 0.0)
+  co = np.asarray(s["cooccurrence"])
+  assert co[0, 1] == co[0, 2] == co[0, 3] == 1 and co[1, 2] == 0
+  assert np.diag(co).tolist() == [3, 1, 1, 1]  # the load
+
+
+def test_records_dead_experts_margin_and_pairs():
+  window = _stack(_step(LOAD_STEP1_GxE, TRAIN_C, 1.0, 1.0, 1.0))
+  for k in ("expert_load", "expert_kept"):
+    window[k] = np.array(window[k])
+    window[k][0, 3] = 0
+  window["topk_margin_sum"] = jnp.array([1.6])
+  co = np.zeros((1, 4, 4), np.int32)
+  co[0, 0, 2] = co[0, 2, 0] = 5
+  window["cooccurrence"] = jnp.asarray(co)
+  (rec,) = _records(window)
+  assert rec["dead_experts"] == [3]
+  assert rec["topk_margin"] == pytest.approx(1.6 / rec["tokens"])
+  assert [0, 2, 5] in rec["expert_cooccurrence"]["pairs"]
+
+
+def test_large_expert_counts_are_summarized():
+  e = 8
+  load = np.arange(e, dtype=np.int64)  # expert 0 dead
+  out = stats._per_expert(load, max_experts=4)
+  assert out["summary"] and out["sum"] == int(load.sum()) and out["count"] == e
+  assert out["percentiles"]["100"] == 7.0 and sum(out["histogram"]["counts"]) == e
+  assert stats._dead(load, max_experts=4) == {"count": 1}
+  assert stats._per_expert(load, max_experts=8) == load.tolist()
+  co = np.ones((40, 40), np.int32)
+  top = stats._cooccurrence(co, max_experts=64)
+  assert len(top["top_pairs"]) == 16 and top["total_pairs"] == 40 * 39 // 2

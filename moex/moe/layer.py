@@ -95,7 +95,8 @@ def moe_forward(router_DxE, bias_E, w: experts_lib.ExpertWeights, x_BxLxD, token
       load_BxE, kept_E, cfg.capacity(l, cfg.capacity_factor),
       balancing.router_entropy_sum(r, ax.psum), balancing.load_balance_loss(r, load_E, ax.psum),
       balancing.z_loss(r, ax.psum), balancing.sequence_load_balance_loss(r, load_BxE, ax.psum),
-      reduce=ax, ep_overflow_E=ep_overflow_E)
+      reduce=ax, ep_overflow_E=ep_overflow_E,
+      shape_stats=stats.routing_shape_stats(r.expert_index_GxSxK, r.probs_GxSxE))
   return y_BxLxD, layer_stats, new_bias
 
 

@@ -1,5 +1,8 @@
 """Capacity-factor statistics: counted on device every step, turned into JSON at log steps.
 
+Above `moe.stats_max_experts` experts, per-expert lists (expert_load, expert_kept,
+rank_load) are written as summaries (sum, percentiles, histogram) so lines stay bounded.
+
 Device side: `layer_stats` returns a dict of small arrays per MoE layer; the train step
 sums them over a logging window (`accumulate`), so nothing leaves the device between log
 steps. Host side: `records` turns one window into the `moe_stats.jsonl` lines.
@@ -13,7 +16,10 @@ Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
   load_balance_loss, z_loss (means over the window's steps), rank_load (assignments routed
   to each expert-parallel rank's experts), overload_factor (max / mean of rank_load),
   ep_overflow (assignments the dropless expert-parallel buffer had no room for; 0 unless
-  moe.ep_buffer_factor bounds it), train_capacity_factor and
+  moe.ep_buffer_factor bounds it), dead_experts (experts with no assignment in the
+  window), topk_margin (mean gap between the k-th and (k+1)-th router probability),
+  expert_cooccurrence (for K > 1: tokens choosing each pair of experts; all pairs up to 16
+  experts, else the top 16), train_capacity_factor and
   train_capacity_dropped_fraction (what the training capacity drops/would drop on these
   tokens; on eval lines this answers "what would training have dropped here").
 """
@@ -28,10 +34,31 @@ import numpy as np
 MAX_FIELDS = ("max_group_load",)
 
 
+def routing_shape_stats(expert_index_GxSxK: jax.Array, probs_GxSxE: jax.Array) -> dict:
+  """Local sums for top-k margin and expert co-occurrence (psummed by layer_stats).
+
+  topk_margin_sum: sum over tokens of p_(k) - p_(k+1), the gap between the k-th and the
+  (k+1)-th router probability (0 when K = E or K = 0). cooccurrence: [E, E] counts of
+  tokens that chose both experts (the diagonal is the load).
+  """
+  e = probs_GxSxE.shape[-1]
+  k = expert_index_GxSxK.shape[-1]
+  if 0 < k < e:
+    top = jax.lax.top_k(probs_GxSxE, k + 1)[0]
+    margin = jnp.sum(top[..., k - 1] - top[..., k])
+  else:
+    margin = jnp.zeros((), jnp.float32)
+  chosen_TxE = jnp.sum(jax.nn.one_hot(expert_index_GxSxK.reshape(-1, k), e,
+                                      dtype=jnp.float32), axis=1)
+  co_ExE = jnp.round(chosen_TxE.T @ chosen_TxE).astype(jnp.int32)
+  return {"topk_margin_sum": margin.astype(jnp.float32), "cooccurrence": co_ExE}
+
+
 def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
                 entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array,
                 seq_lb_loss: jax.Array | None = None, reduce=None,
-                ep_overflow_E: jax.Array | None = None) -> dict:
+                ep_overflow_E: jax.Array | None = None,
+                shape_stats: dict | None = None) -> dict:
   """One MoE layer's counts for one step (all on device).
 
   `reduce` (a parallel.Axes) sums the counts over the batch mesh axes inside shard_map, so
@@ -52,6 +79,10 @@ def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
       "z_loss": z.astype(jnp.float32),
       "seq_load_balance_loss": (jnp.zeros((), jnp.float32) if seq_lb_loss is None
                                 else seq_lb_loss.astype(jnp.float32)),
+      "topk_margin_sum": psum(shape_stats["topk_margin_sum"]) if shape_stats
+                         else jnp.zeros((), jnp.float32),
+      "cooccurrence": psum(shape_stats["cooccurrence"]) if shape_stats
+                      else jnp.zeros((e, e), jnp.int32),
       "steps": jnp.ones((), jnp.int32),
   }
 
@@ -60,6 +91,38 @@ def accumulate(acc: dict, new: dict) -> dict:
   """Adds one step's stats to the window (max for the max fields)."""
   return {k: (jnp.maximum(acc[k], new[k]) if k in MAX_FIELDS else acc[k] + new[k])
           for k in acc}
+
+
+def _summary(values: np.ndarray) -> dict:
+  """Percentiles and a 10-bin histogram instead of a long per-expert list."""
+  counts, edges = np.histogram(values, bins=10)
+  return {"summary": True, "count": int(values.size), "sum": int(values.sum()),
+          "percentiles": {str(q): float(np.percentile(values, q)) for q in (0, 5, 25, 50,
+                                                                             75, 95, 100)},
+          "histogram": {"counts": counts.tolist(), "edges": [float(x) for x in edges]}}
+
+
+def _per_expert(values: np.ndarray, max_experts: int):
+  """The whole list up to `max_experts` entries (moe.stats_max_experts), else a summary."""
+  return values.tolist() if values.size <= max_experts else _summary(values)
+
+
+def _dead(load: np.ndarray, max_experts: int):
+  """Experts with no assignment in the window (a count when E is large)."""
+  dead = np.flatnonzero(load == 0)
+  return dead.tolist() if load.size <= max_experts else {"count": int(dead.size)}
+
+
+def _cooccurrence(co_ExE: np.ndarray, max_experts: int, top: int = 16) -> dict:
+  """How often each pair of experts is chosen by the same token (upper triangle)."""
+  e = co_ExE.shape[0]
+  i, j = np.triu_indices(e, k=1)
+  pairs = co_ExE[i, j]
+  if e <= max_experts and e <= 16:
+    return {"pairs": [[int(a), int(b), int(c)] for a, b, c in zip(i, j, pairs)]}
+  order = np.argsort(-pairs, kind="stable")[:top]
+  return {"top_pairs": [[int(i[o]), int(j[o]), int(pairs[o])] for o in order],
+          "total_pairs": int(pairs.sum())}
 
 
 def _overload(rank_load: np.ndarray) -> float:
@@ -75,7 +138,8 @@ def zeros_like(stats: dict) -> dict:
 def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_k: int,
             dispatch: str, capacity: int | None, capacity_factor: float | None,
             train_capacity: int, train_capacity_factor: float,
-            tokens_per_group: int, expert_ranks: int = 1) -> list[dict]:
+            tokens_per_group: int, expert_ranks: int = 1,
+            max_experts: int = 64) -> list[dict]:
   """The moe_stats.jsonl lines of one window; `stats` holds host arrays [num_moe_layers,...]."""
   out = []
   for i, layer in enumerate(layers):
@@ -96,15 +160,19 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "dispatch": dispatch,
         "capacity": capacity,
         "capacity_factor": capacity_factor,
-        "expert_load": load.tolist(),
-        "expert_kept": kept.tolist(),
+        "expert_load": _per_expert(load, max_experts),
+        "expert_kept": _per_expert(kept, max_experts),
         "dropped_fraction": 1.0 - kept.sum() / total if total else 0.0,
         "needed_capacity_factor": float(s["max_group_load"]) * e / (tokens_per_group * top_k),
         "router_entropy": float(s["entropy_sum"]) / max(tokens, 1),
         "load_balance_loss": float(s["load_balance_loss"]) / steps,
         "z_loss": float(s["z_loss"]) / steps,
         "seq_load_balance_loss": float(s["seq_load_balance_loss"]) / steps,
-        "rank_load": load.reshape(expert_ranks, -1).sum(-1).tolist(),
+        "dead_experts": _dead(load, max_experts),
+        "topk_margin": float(s["topk_margin_sum"]) / max(tokens, 1) if top_k < e else None,
+        "expert_cooccurrence": _cooccurrence(s["cooccurrence"], max_experts)
+                               if top_k > 1 else None,
+        "rank_load": _per_expert(load.reshape(expert_ranks, -1).sum(-1), max_experts),
         "overload_factor": _overload(load.reshape(expert_ranks, -1).sum(-1)),
         "ep_overflow": int(s["ep_overflow"].sum()),
         "train_capacity": train_capacity,

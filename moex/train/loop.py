@@ -196,7 +196,7 @@ class _Runner:
         dispatch=path, capacity=m.capacity(l, cf) if cf else None, capacity_factor=cf,
         train_capacity=m.capacity(l, m.capacity_factor),
         train_capacity_factor=m.capacity_factor, tokens_per_group=l,
-        expert_ranks=self.expert_ranks)
+        expert_ranks=self.expert_ranks, max_experts=m.stats_max_experts)
 
   def evaluate(self, state: dict, step: int) -> dict:
     t0 = time.time()
