@@ -4,7 +4,7 @@
   python -m moex.bench.train_step --config=experiments/mixtral_gpu.py:dropless
 
 Layer widths are Mixtral's (D=4096, 32 query / 8 key-value heads of 128, 8 experts of
-14336, top-2); depth is cut to 2 so float32 parameters (2.9B), AdamW state and bf16
+14336, top-2); depth is cut to 2 so float32 parameters (3.2B), AdamW state and bf16
 activations of 4 x 4096 tokens fit in 80 GB. launch/gpu_bench.sh runs both dispatch paths
 and both grouped-matmul backends in under 5 minutes.
 """

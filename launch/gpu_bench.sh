@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 for variant in capacity dropless dropless_chunked; do
   arg=""
   [[ "$variant" != capacity ]] && arg=":$variant"
-  timeout 150 "$python" -m moex.bench.train_step --config="experiments/mixtral_gpu.py$arg" \
+  timeout 90 "$python" -m moex.bench.train_step --config="experiments/mixtral_gpu.py$arg" \
     --steps=5 --warmup=2 --json="$out/$variant.json" || echo "$variant: failed or timed out"
 done
 "$python" - "$out" <<'PY'

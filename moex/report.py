@@ -100,6 +100,12 @@ def _num(v) -> float:
     return math.nan
 
 
+def _nan_reduce(fn, values: list[float]) -> float:
+  """fn (np.nanmax, np.nanmean) ignoring missing values; NaN when all are missing."""
+  vals = np.asarray(values, np.float64)
+  return float(fn(vals)) if np.isfinite(vals).any() else math.nan
+
+
 def _split(records: list[dict], split: str) -> list[dict]:
   return [r for r in records if r["split"] == split]
 
@@ -167,10 +173,10 @@ def recommend(run: Run, target: float, recent: int) -> list[dict]:
         "layer": layer,
         "windows": len(rs),
         "recommended_cf": cf,
-        "max_needed_cf": max(needed) if needed else math.nan,
+        "max_needed_cf": _nan_reduce(np.nanmax, needed),
         "current_cf": cf_now,
         "cost": cf / cf_now if (cf is not None and cf_now) else None,
-        "recent_dropped": float(np.mean([_num(r.get("dropped_fraction")) for r in rs])),
+        "recent_dropped": _nan_reduce(np.nanmean, [_num(r.get("dropped_fraction")) for r in rs]),
         # The approximation's own estimate at the current factor, to compare with the above.
         "pooled_dropped": (float(pooled_drop(load_WxE, np.array([cf_now])).mean())
                            if cf_now else None),
@@ -220,7 +226,7 @@ def summary(run: Run, recent: int) -> dict:
       "top_k": any_rec.get("top_k", moe_cfg.get("top_k")),
       "dispatch": dispatch or {"train": moe_cfg.get("dispatch")},
       "current_cf": current_cf(run),
-      "recent_dropped": float(np.nanmean(recent_drop)) if recent_drop else None,
+      "recent_dropped": _nan_reduce(np.nanmean, recent_drop),
       "dead_experts": dead_experts(run),
       "max_overload_factor": max(overload) if overload else None,
   }
@@ -395,9 +401,9 @@ FIGURES = (
 
 
 def _fmt(v, spec: str = ".4f") -> str:
-  if v is None or (isinstance(v, float) and math.isnan(v)):
+  if v is None:
     return "–"
-  return format(v, spec)
+  return format(v, spec) if math.isfinite(v) else str(v)
 
 
 def summary_md(s: dict) -> list[str]:

@@ -29,3 +29,24 @@ def test_mixtral_gpu_has_mixtral_layer_widths():
   active = flops.active_params_per_token(cfg)
   per_layer_experts = active["routed_experts"] / cfg.model.num_layers
   assert per_layer_experts == 2 * 3 * 4096 * 14336  # two of Mixtral's experts per token
+
+
+def test_mixtral_gpu_step_traces_without_allocating():
+  """The GPU config cannot run here (2.9B float32 parameters); its step must still trace."""
+  import jax
+  import numpy as np
+  from experiments import mixtral_gpu
+  from moex.parallel import mesh as mesh_lib, sharding
+  from moex.train import optimizer, state as state_lib, step as step_lib
+
+  cfg = config_lib.validate(mixtral_gpu.get_config("dropless"), vocab_size=259)
+  mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+  tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
+  model, _ = state_lib.build(cfg, tx, mesh)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.abstract_state["params"]))
+  assert 3.0e9 < params < 3.3e9  # 3.16B: 2 x 1.4B of experts + 262M of embeddings
+  tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), np.int32)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
+    core, _ = step_lib.make_train_step(cfg, model.graphdef, tx)
+    lowered = jax.jit(core).lower(model.abstract_state, tokens)
+  assert "bf16" in lowered.as_text()
