@@ -115,7 +115,7 @@ def test_dropless_run(tmp_path):
   workdir = _write_workdir(tmp_path, cf=None, torn=False)
   md = open(report.write_report(workdir, str(tmp_path / "out"))).read()
   assert "**Dropless run**" in md
-  assert "| 1 | 3 | 0.0000 | – | 2.00 | 2.50 | dropless | – |" in md
+  assert "| 1 | 3 | 0.0000 | – | pooled (optimistic) | 2.00 | 2.50 | dropless | – |" in md
   assert "training capacity factor dropless" in md
 
 
@@ -125,3 +125,13 @@ def test_no_moe_stats(tmp_path):
   md = open(report.write_report(str(tmp_path), str(tmp_path / "out"))).read()
   assert "No MoE statistics" in md
   assert "](loss.png)" in md and "](dropped.png)" not in md
+
+
+def test_histogram_drop_by_hand():
+  # (sequence, expert) loads 40, 20, 20, 0 with unit L*K/E = 20: factors 2, 1, 1, 0.
+  hist = {"bin_width": 0.05, "counts": [1] + [0] * 19 + [2] + [0] * 19 + [1],
+          "load_sums": [0] + [0] * 19 + [40] + [0] * 19 + [40]}
+  drop = report.histogram_drop([hist], np.array([1.0, 1.5, 2.0]), unit=20.0)[:, 0]
+  np.testing.assert_allclose(drop, [20 / 80, 10 / 80, 0.0])
+  # min_capacity raises C: at cf 1.0 with min_capacity 40 nothing drops.
+  assert report.histogram_drop([hist], np.array([1.0]), 20.0, min_capacity=40)[0, 0] == 0.0

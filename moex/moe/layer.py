@@ -96,7 +96,8 @@ def moe_forward(router_DxE, bias_E, w: experts_lib.ExpertWeights, x_BxLxD, token
       balancing.router_entropy_sum(r, ax.psum), balancing.load_balance_loss(r, load_E, ax.psum),
       balancing.z_loss(r, ax.psum), balancing.sequence_load_balance_loss(r, load_BxE, ax.psum),
       reduce=ax, ep_overflow_E=ep_overflow_E,
-      shape_stats=stats.routing_shape_stats(r.expert_index_GxSxK, r.probs_GxSxE))
+      shape_stats=stats.routing_shape_stats(r.expert_index_GxSxK, r.probs_GxSxE),
+      tokens_per_group=l, top_k=cfg.top_k)
   return y_BxLxD, layer_stats, new_bias
 
 

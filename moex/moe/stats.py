@@ -19,7 +19,9 @@ Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
   moe.ep_buffer_factor bounds it), dead_experts (experts with no assignment in the
   window), topk_margin (mean gap between the k-th and (k+1)-th router probability),
   expert_cooccurrence (for K > 1: tokens choosing each pair of experts; all pairs up to 16
-  experts, else the top 16), train_capacity_factor and
+  experts, else the top 16), sequence_load_hist (the (sequence, expert) pairs binned by the
+  capacity factor each would need, with their loads summed per bin: bin b holds factors in
+  [b, b + 1) * bin_width, the last bin everything from 8.0 up), train_capacity_factor and
   train_capacity_dropped_fraction (what the training capacity drops/would drop on these
   tokens; on eval lines this answers "what would training have dropped here").
 """
@@ -29,6 +31,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Per-sequence loads binned by the capacity factor they would need (bins of HIST_WIDTH up
+# to HIST_MAX; the last bin collects everything above), so the drop at any capacity
+# factor can be computed afterwards (moex.report's recommendation).
+HIST_WIDTH = 0.05
+HIST_MAX = 8.0
+HIST_BINS = int(round(HIST_MAX / HIST_WIDTH)) + 1
 
 # How each field combines across the steps of a logging window.
 MAX_FIELDS = ("max_group_load",)
@@ -54,11 +63,25 @@ def routing_shape_stats(expert_index_GxSxK: jax.Array, probs_GxSxE: jax.Array) -
   return {"topk_margin_sum": margin.astype(jnp.float32), "cooccurrence": co_ExE}
 
 
+def _load_histogram(load_GxE: jax.Array, tokens_per_group: int, top_k: int, psum) -> dict:
+  """Counts and load sums of (sequence, expert) pairs by needed capacity factor."""
+  e = load_GxE.shape[-1]
+  factor = load_GxE.astype(jnp.float32) * e / max(tokens_per_group * max(top_k, 1), 1)
+  bins = jnp.minimum((factor / HIST_WIDTH).astype(jnp.int32), HIST_BINS - 1).reshape(-1)
+  ones = jnp.ones_like(bins)
+  return {
+      "hist_count": psum(jnp.zeros((HIST_BINS,), jnp.int32).at[bins].add(ones)),
+      "hist_load": psum(jnp.zeros((HIST_BINS,), jnp.int32).at[bins].add(
+          load_GxE.reshape(-1).astype(jnp.int32))),
+  }
+
+
 def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
                 entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array,
                 seq_lb_loss: jax.Array | None = None, reduce=None,
                 ep_overflow_E: jax.Array | None = None,
-                shape_stats: dict | None = None) -> dict:
+                shape_stats: dict | None = None, tokens_per_group: int = 1,
+                top_k: int = 1) -> dict:
   """One MoE layer's counts for one step (all on device).
 
   `reduce` (a parallel.Axes) sums the counts over the batch mesh axes inside shard_map, so
@@ -79,6 +102,7 @@ def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
       "z_loss": z.astype(jnp.float32),
       "seq_load_balance_loss": (jnp.zeros((), jnp.float32) if seq_lb_loss is None
                                 else seq_lb_loss.astype(jnp.float32)),
+      **_load_histogram(load_GxE, tokens_per_group, top_k, psum),
       "topk_margin_sum": psum(shape_stats["topk_margin_sum"]) if shape_stats
                          else jnp.zeros((), jnp.float32),
       "cooccurrence": psum(shape_stats["cooccurrence"]) if shape_stats
@@ -123,6 +147,13 @@ def _cooccurrence(co_ExE: np.ndarray, max_experts: int, top: int = 16) -> dict:
   order = np.argsort(-pairs, kind="stable")[:top]
   return {"top_pairs": [[int(i[o]), int(j[o]), int(pairs[o])] for o in order],
           "total_pairs": int(pairs.sum())}
+
+
+def _histogram(count_B: np.ndarray, load_B: np.ndarray) -> dict:
+  """Non-empty prefix of the needed-capacity-factor histogram of (sequence, expert) pairs."""
+  last = int(np.flatnonzero(count_B).max()) + 1 if count_B.any() else 0
+  return {"bin_width": HIST_WIDTH, "counts": count_B[:last].astype(int).tolist(),
+          "load_sums": load_B[:last].astype(int).tolist()}
 
 
 def _overload(rank_load: np.ndarray) -> float:
@@ -172,6 +203,7 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "topk_margin": float(s["topk_margin_sum"]) / max(tokens, 1) if top_k < e else None,
         "expert_cooccurrence": _cooccurrence(s["cooccurrence"], max_experts)
                                if top_k > 1 else None,
+        "sequence_load_hist": _histogram(s["hist_count"], s["hist_load"]),
         "rank_load": _per_expert(load.reshape(expert_ranks, -1).sum(-1), max_experts),
         "overload_factor": _overload(load.reshape(expert_ranks, -1).sum(-1)),
         "ep_overflow": int(s["ep_overflow"].sum()),
