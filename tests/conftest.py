@@ -51,6 +51,14 @@ def tiny_config(corpus, tmp_path):
 
 
 @pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+  """Full float32 matmuls (no TF32/bf16 passes on accelerators) for 1e-5 comparisons."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path / "token_cache"))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -30,13 +30,6 @@ from moex.moe import dispatch, routing, stats
 nnx.use_eager_sharding(False)
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-  """Full float32 matmuls (no TF32/bf16 passes on accelerators) for 1e-5 comparisons."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCALE_E = (2.0, 3.0, 5.0)  # the hand experts: expert e multiplies its rows by SCALE_E[e]
 

@@ -11,13 +11,6 @@ from moex.moe import dispatch, gmm, routing
 nnx.use_eager_sharding(False)
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-  """Full float32 matmuls (no TF32/bf16 passes on accelerators) for 1e-5 comparisons."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 # One sequence of 4 tokens, E=2, K=2, C=2. Priority order (choice-major, then position):
 #   k=0: t0->e0 slot 0, t1->e0 slot 1, t2->e0 slot 2 (drop), t3->e1 slot 0
 #   k=1: t0->e1 slot 1, t1->e1 slot 2 (drop), t2->e1 slot 3 (drop), t3->e0 slot 3 (drop)

@@ -13,13 +13,6 @@ from moex.moe import gmm
 nnx.use_eager_sharding(False)
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-  """Full float32 matmuls (no TF32/bf16 passes on accelerators) for 1e-5 comparisons."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 D, F = 16, 32
 BACKENDS = ("ragged_dot", "tiled", "chunked", "megablox")
 GROUP_SIZES = {

@@ -17,13 +17,6 @@ from moex.moe.layer import MoEBlock
 nnx.use_eager_sharding(False)
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-  """Full float32 matmuls (no TF32/bf16 passes on accelerators) for 1e-5 comparisons."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 D, F = 16, 32
 TOL = dict(rtol=1e-5, atol=1e-5)
 _BASE = config.validate(tiny.get_config(), vocab_size=259)

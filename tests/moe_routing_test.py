@@ -34,13 +34,6 @@ from moex.moe import routing
 nnx.use_eager_sharding(False)
 
 
-@pytest.fixture(autouse=True)
-def _exact_float32_matmuls():
-  """Full float32 matmuls (no TF32/bf16 passes on accelerators) for 1e-5 comparisons."""
-  with jax.default_matmul_precision("highest"):
-    yield
-
-
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 # name -> MoEConfig overrides. sigmoid_bias also gets a non-zero balancing bias (below),

@@ -57,6 +57,8 @@ def routing_shape_stats(expert_index_GxSxK: jax.Array, probs_GxSxE: jax.Array) -
     margin = jnp.sum(top[..., k - 1] - top[..., k])
   else:
     margin = jnp.zeros((), jnp.float32)
+  if k == 0:  # expert choice: no per-token choices
+    return {"topk_margin_sum": margin, "cooccurrence": jnp.zeros((e, e), jnp.int32)}
   chosen_TxE = jnp.sum(jax.nn.one_hot(expert_index_GxSxK.reshape(-1, k), e,
                                       dtype=jnp.float32), axis=1)
   co_ExE = jnp.round(chosen_TxE.T @ chosen_TxE).astype(jnp.int32)
