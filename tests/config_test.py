@@ -111,3 +111,12 @@ def test_bad_layouts_fail_before_compiling_with_one_line(tmp_path):
     r = _main8(tmp_path, *overrides)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == line
+
+
+def test_main_exits_with_one_line_when_data_is_too_small(tmp_path):
+  (tmp_path / "a.py").write_text("x = 1\n")
+  (tmp_path / "b.py").write_text("y = 2\n")
+  r = _main(tmp_path, f"--config.data.source={tmp_path}/*.py",
+            f"--config.data.cache_dir={tmp_path}/cache")
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith("moex: config error: data.batch_size:")

@@ -113,8 +113,11 @@ def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str,
   mesh = mesh_lib.make_mesh(cfg.mesh)
   logging.info("mesh: %s over %d devices (%s), %d processes", dict(mesh.shape),
                mesh.devices.size, jax.default_backend(), jax.process_count())
-  data = pipeline.build(cfg.data, cfg.data.seq_len, cfg.data.batch_size, cfg.seed,
-                        jax.process_index(), jax.process_count())
+  try:
+    data = pipeline.build(cfg.data, cfg.data.seq_len, cfg.data.batch_size, cfg.seed,
+                          jax.process_index(), jax.process_count())
+  except ValueError as e:  # e.g. a split too small for one batch: the message names the key
+    raise config_lib.ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     resolved = cd.to_dict()
