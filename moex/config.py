@@ -281,8 +281,3 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
 
   return Config(seed=int(cd.seed), model=model, moe=moe, data=data, opt=opt, train=train,
                 mesh=mesh)
-
-
-def to_dict(cd: ml_collections.ConfigDict) -> dict:
-  """The resolved config as plain JSON-able data."""
-  return cd.to_dict()
