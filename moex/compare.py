@@ -1,14 +1,18 @@
-"""Eval curves of several runs side by side: one PNG and a Markdown table.
+"""Several runs side by side: eval curves, routing over time, and one Markdown table.
 
   python -m moex.compare --workdirs=workdirs/svd_moe,workdirs/svd_dense \
       --labels=MoE,dense --out=docs/figures/sparse_vs_dense.png
 
-Reads each workdir's metrics.jsonl (bad lines skipped, as moex.report does) and plots eval
-bits per byte against step; prints the table of eval bits per byte at every eval step.
+Reads each workdir as moex.report does (bad lines skipped) and writes OUT (eval bits per
+byte against step) and, when any run has MoE statistics, OUT's stem + "_routing.png"
+(per run, over train windows: the needed capacity factor and the dropped fraction, mean
+over MoE layers, and the dead experts summed over layers). Prints the table of final
+numbers (`summarize`) and of eval bits per byte at every eval step.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -18,12 +22,104 @@ from matplotlib.figure import Figure
 
 from moex import report
 
+TARGET_DROP = 0.01  # the recommendation column: cf keeping drops under 1% (moex.report)
+RECENT = 8  # train windows the final-window columns average over
+
 
 def eval_curve(workdir: str) -> dict[int, float]:
   """step -> eval bits per byte (the last line wins for a repeated step)."""
   rows = report.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   return {r["step"]: float(r["bits_per_byte"]) for r in rows
           if r.get("split") == "eval" and r.get("bits_per_byte") is not None}
+
+
+def _nanmean(values) -> float:
+  return report._nan_reduce(np.nanmean, values)
+
+
+def routing_series(run: report.Run, field: str, reduce=_nanmean) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+  """(steps, field reduced over MoE layers) of the train windows."""
+  by_step: dict[int, list[float]] = {}
+  for r in report._split(run.moe, "train"):
+    by_step.setdefault(r["step"], []).append(report._num(r.get(field)))
+  steps = np.array(sorted(by_step))
+  return steps, np.array([reduce(np.asarray(by_step[s])) for s in steps])
+
+
+def _dead_count(r: dict) -> int:
+  """Experts of the record's layer with no assignment in its window."""
+  return sum(1 for n in r["expert_load"] if n == 0)
+
+
+def summarize(workdir: str) -> dict:
+  """Final numbers of one run (None where the workdir lacks them).
+
+  tokens_per_sec: median over the train log windows (wall clock of this run).
+  dropped_fraction: mean over all train windows and MoE layers; the final_* routing
+  columns average the last RECENT windows. dead_experts: (layer, expert) pairs with no
+  assignment, in the latest window and the most in any window after the first 10%.
+  cf_for_1pct: max over layers of moex.report's recommendation for a 1% drop target.
+  """
+  run = report.load_run(workdir)
+  evals = report._split(run.metrics, "eval")
+  trains = report._split(run.metrics, "train")
+  tps = report._nan_reduce(np.nanmedian, [report._num(r.get("tokens_per_sec"))
+                                          for r in trains])
+  out = {"workdir": workdir, "steps": evals[-1]["step"] if evals else None,
+         "eval_loss": evals[-1].get("loss") if evals else None,
+         "eval_bpb": evals[-1].get("bits_per_byte") if evals else None,
+         "tokens_per_sec": None if math.isnan(tps) else tps}
+  train_moe = report._split(run.moe, "train")
+  if not train_moe:
+    return out
+  steps, drop = routing_series(run, "dropped_fraction")
+  _, needed = routing_series(run, "needed_capacity_factor")
+  _, churn = routing_series(run, "routing_churn")
+  dead = {}
+  for r in train_moe:
+    dead[r["step"]] = dead.get(r["step"], 0) + _dead_count(r)
+  late = [n for s, n in dead.items() if s >= 0.1 * steps[-1]]
+  rec = [r["recommended_cf"] for r in report.recommend(run, TARGET_DROP, 20)]
+  out.update({
+      "capacity_factor": report.current_cf(run),
+      "dropped_fraction": _nanmean(drop),
+      "final_dropped_fraction": _nanmean(drop[-RECENT:]),
+      "final_needed_cf": _nanmean(needed[-RECENT:]),
+      "cf_for_1pct": None if None in rec or not rec else max(rec),
+      "dead_experts": dead[max(dead)],
+      "max_dead_experts": max(late) if late else 0,
+      "final_routing_churn": (_nanmean(churn[-RECENT:])
+                              if np.isfinite(churn).any() else None),
+      "final_router_entropy": _nanmean(routing_series(run, "router_entropy")[1][-RECENT:]),
+  })
+  return out
+
+
+COLUMNS = (  # (summary key, header, format)
+    ("eval_bpb", "final eval bits/byte", ".4f"),
+    ("eval_loss", "final eval loss (nats/token)", ".4f"),
+    ("tokens_per_sec", "train tok/s (median window)", ",.0f"),
+    ("dropped_fraction", "dropped (whole run)", ".2%"),
+    ("final_dropped_fraction", "dropped (last windows)", ".2%"),
+    ("final_needed_cf", "needed cf (last windows)", ".2f"),
+    ("cf_for_1pct", "cf for ≤1% drop", ".2f"),
+    ("dead_experts", "dead experts (end)", "d"),
+    ("max_dead_experts", "dead experts (max)", "d"),
+    ("final_router_entropy", "router entropy (nats)", ".3f"),
+    ("final_routing_churn", "routing churn (last windows)", ".2%"),
+)
+
+
+def summary_table(rows: dict[str, dict], columns=COLUMNS) -> str:
+  """Markdown: one row per run, the COLUMNS any run has."""
+  cols = [c for c in columns if any(r.get(c[0]) is not None for r in rows.values())]
+  lines = ["| run | " + " | ".join(h for _, h, _ in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+  for label, r in rows.items():
+    cells = [format(r[k], f) if r.get(k) is not None else "–" for k, _, f in cols]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def table(curves: dict[str, dict[int, float]]) -> str:
@@ -35,10 +131,19 @@ def table(curves: dict[str, dict[int, float]]) -> str:
   return "\n".join(lines)
 
 
-def plot(curves: dict[str, dict[int, float]], out: str) -> None:
-  fig = Figure(figsize=(6.5, 3.6))
+def _figure(ncols: int, width: float):
+  fig = Figure(figsize=(width * ncols, 3.6), layout="constrained")
   FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  return fig, fig.subplots(1, ncols, squeeze=False).ravel()
+
+
+def _save(fig: Figure, out: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=120)
+
+
+def plot(curves: dict[str, dict[int, float]], out: str) -> None:
+  fig, (ax,) = _figure(1, 6.5)
   for label, c in curves.items():
     steps = np.array(sorted(c))
     ax.plot(steps, [c[s] for s in steps], marker="o", label=label)
@@ -47,9 +152,56 @@ def plot(curves: dict[str, dict[int, float]], out: str) -> None:
   ax.set_ylim(top=min(max(max(c.values()) for c in curves.values()), 4.0))
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
+  _save(fig, out)
+
+
+def plot_routing(runs: dict[str, report.Run], out: str) -> bool:
+  """Needed capacity factor, dropped fraction and dead experts over steps; False if no run
+  has MoE statistics."""
+  runs = {k: r for k, r in runs.items() if report._split(r.moe, "train")}
+  if not runs:
+    return False
+  fig, axes = _figure(3, 4.8)
+  for i, (label, run) in enumerate(runs.items()):
+    color = f"C{i}"
+    steps, needed = routing_series(run, "needed_capacity_factor")
+    axes[0].plot(steps, needed, color=color, label=label)
+    cf = report.current_cf(run)
+    if cf:
+      axes[0].axhline(cf, color=color, ls=":", lw=1)
+    steps, drop = routing_series(run, "dropped_fraction")
+    axes[1].plot(steps, drop, color=color, label=label)
+    by_step = {}
+    for r in report._split(run.moe, "train"):
+      by_step[r["step"]] = by_step.get(r["step"], 0) + _dead_count(r)
+    axes[2].plot(sorted(by_step), [by_step[s] for s in sorted(by_step)], color=color,
+                 label=label)
+  axes[0].set(xlabel="step", ylabel="capacity factor",
+              title="Needed capacity factor (mean over layers)")
+  axes[1].set(xlabel="step", ylabel="fraction", title="Dropped in training (mean over layers)")
+  axes[2].set(xlabel="step", ylabel="(layer, expert) pairs", title="Dead experts (sum over layers)")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend()
+  _save(fig, out)
+  return True
+
+
+def routing_path(out: str) -> str:
+  stem, ext = os.path.splitext(out)
+  return f"{stem}_routing{ext or '.png'}"
+
+
+def compare(dirs: list[str], labels: list[str], out: str) -> str:
+  """Writes the figures; returns the Markdown (summary table, then the eval table)."""
+  curves = {l: eval_curve(d) for l, d in zip(labels, dirs)}
+  plot(curves, out)
+  wrote = [out]
+  if plot_routing({l: report.load_run(d) for l, d in zip(labels, dirs)}, routing_path(out)):
+    wrote.append(routing_path(out))
+  md = (summary_table({l: summarize(d) for l, d in zip(labels, dirs)}) + "\n\n"
+        + "Eval bits per byte by step:\n\n" + table(curves))
+  return md + "\n\nFigures: " + ", ".join(wrote) + "\n"
 
 
 def main(argv):
@@ -58,14 +210,11 @@ def main(argv):
   labels = flags.FLAGS.labels or [os.path.basename(os.path.normpath(d)) for d in dirs]
   if len(labels) != len(dirs):
     raise app.UsageError("--labels needs one label per --workdirs entry")
-  curves = {l: eval_curve(d) for l, d in zip(labels, dirs)}
-  plot(curves, flags.FLAGS.out)
-  print(table(curves))
-  print(f"moex.compare: {flags.FLAGS.out}")
+  print(compare(dirs, labels, flags.FLAGS.out))
 
 
 if __name__ == "__main__":
   flags.DEFINE_list("workdirs", None, "Workdirs to compare.", required=True)
   flags.DEFINE_list("labels", None, "One label per workdir (default: directory names).")
-  flags.DEFINE_string("out", "compare.png", "The PNG to write.")
+  flags.DEFINE_string("out", "compare.png", "The eval-curve PNG to write.")
   app.run(main)

@@ -419,7 +419,9 @@ def plot_entropy(run: Run, out: str) -> str | None:
   layers = sorted({r["layer"] for r in run.moe})
   colors = _layer_colors(layers)
   has_margin = any("topk_margin" in r for r in train)
-  fig, axes = _figure(1, 2 if has_margin else 1, width=6 if has_margin else 8)
+  has_churn = any(r.get("routing_churn") is not None for r in train)
+  ncols = 1 + has_margin + has_churn
+  fig, axes = _figure(1, ncols, width=8 if ncols == 1 else 5)
   _plot_per_layer(axes[0], run, "train", "router_entropy", colors)
   e = len(train[-1]["expert_load"])
   axes[0].axhline(math.log(e), color="red", ls=":", label=f"ln E = {math.log(e):.2f}")
@@ -428,6 +430,10 @@ def plot_entropy(run: Run, out: str) -> str | None:
   if has_margin:
     _plot_per_layer(axes[1], run, "train", "topk_margin", colors)
     axes[1].set(xlabel="step", ylabel="margin", title="Top-k margin (train)")
+  if has_churn:
+    _plot_per_layer(axes[-1], run, "train", "routing_churn", colors)
+    axes[-1].set(xlabel="step", ylabel="fraction of probe tokens", yscale="log",
+                 title="Routing churn (first choice changed)")
   return _save(fig, out, "entropy.png")
 
 
@@ -439,7 +445,9 @@ FIGURES = (
     (plot_dropped, "Dropped fraction per layer."),
     (plot_needed_cf, "Smallest factor that would have dropped nothing in any sequence of the "
                      "window, with the configured factor."),
-    (plot_entropy, "Router entropy per layer (ln E = uniform routing)."),
+    (plot_entropy, "Router entropy per layer (ln E = uniform routing), the gap between the "
+                   "k-th and (k+1)-th router probability, and routing churn: the share of a "
+                   "fixed probe batch whose first-choice expert changed since the last log."),
 )
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from moex import compare
 
 
@@ -26,3 +28,25 @@ def test_table_and_plot(tmp_path):
   out = tmp_path / "fig" / "c.png"
   compare.plot(curves, str(out))
   assert out.stat().st_size > 1000
+
+
+def test_summary_and_routing_figure_of_moe_runs(tmp_path):
+  from report_test import _write_workdir  # the hand-written 2-layer workdir (E=4, K=2)
+
+  (tmp_path / "cap").mkdir()
+  (tmp_path / "free").mkdir()
+  cap = _write_workdir(tmp_path / "cap")
+  free = _write_workdir(tmp_path / "free", cf=None, torn=False)
+  s = compare.summarize(cap)
+  assert s["eval_bpb"] == 3.0 and s["steps"] == 30 and s["capacity_factor"] == 1.25
+  # Layer 0 keeps all 80 of its assignments, layer 1 drops 5/80 (steps 10, 20) and
+  # 15/80 at step 30, where expert 3 is dead.
+  assert s["dropped_fraction"] == pytest.approx((0 + (5 + 5 + 15) / 3 / 80) / 2)
+  assert s["dead_experts"] == 1 and s["max_dead_experts"] == 1
+  assert s["final_needed_cf"] == 2.5 and s["final_routing_churn"] is None
+  assert compare.summarize(free)["capacity_factor"] is None
+  md = compare.compare([cap, free], ["cap", "free"], str(tmp_path / "out" / "c.png"))
+  assert "| cap | 3.0000 |" in md and "dead experts (end)" in md
+  assert "routing churn" not in md  # no run measured it: the column is left out
+  for name in ("c.png", "c_routing.png"):
+    assert (tmp_path / "out" / name).stat().st_size > 1000

@@ -12,6 +12,10 @@ EXPERIMENTS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "exper
                      .glob("*.py") if p.stem != "__init__")
 VARIANTS = {"bench_cpu": [None, "dropless"],
             "mixtral_gpu": [None, "dropless", "dropless_chunked"]}
+for _name in EXPERIMENTS:  # configs run by moex.sweep list their variants
+  _variants = getattr(importlib.import_module(f"experiments.{_name}"), "VARIANTS", None)
+  if _variants:
+    VARIANTS[_name] = [None, *_variants]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -50,3 +54,16 @@ def test_mixtral_gpu_step_traces_without_allocating():
     core, _ = step_lib.make_train_step(cfg, model.graphdef, tx)
     lowered = jax.jit(core).lower(model.abstract_state, tokens)
   assert "bf16" in lowered.as_text()
+
+
+def test_sweep_variants_differ_where_they_say():
+  from experiments import balancing, capacity_sweep
+  cf = {v: capacity_sweep.get_config(v).moe for v in capacity_sweep.VARIANTS}
+  assert [cf[v].capacity_factor for v in ("1.0", "1.25", "2.0")] == [1.0, 1.25, 2.0]
+  assert cf["dropless"].dispatch == "dropless" and cf["1.0"].dispatch == "capacity"
+  with pytest.raises(ValueError, match="capacity_sweep"):
+    capacity_sweep.get_config("big")
+  bal = {v: balancing.get_config(v).moe for v in balancing.VARIANTS}
+  assert [bal[v].load_balance_weight for v in balancing.VARIANTS] == [0.0, 1e-2, 0.0]
+  assert bal["aux_free"].router == "sigmoid_bias" and bal["none"].router == "topk_softmax"
+  assert all(m.z_loss_weight == 0 for m in bal.values())

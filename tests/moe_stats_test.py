@@ -147,3 +147,21 @@ def test_large_expert_counts_are_summarized():
   co = np.ones((40, 40), np.int32)
   top = stats._cooccurrence(co, max_experts=64)
   assert len(top["top_pairs"]) == 16 and top["total_pairs"] == 40 * 39 // 2
+
+
+def test_routing_churn_on_hand_built_first_choices():
+  # Two MoE layers, 2 sequences of 2 tokens: layer 0 changes 1 of 4 tokens, layer 1 all 4.
+  prev = np.array([[[0, 1], [2, 3]], [[1, 1], [1, 1]]])
+  cur = np.array([[[0, 1], [3, 3]], [[0, 2], [3, 0]]])
+  np.testing.assert_allclose(stats.routing_churn(prev, cur), [0.25, 1.0])
+  np.testing.assert_allclose(stats.routing_churn(prev, prev), [0.0, 0.0])
+  with pytest.raises(ValueError, match="probe shapes differ"):
+    stats.routing_churn(prev, cur[:, :1])
+
+
+def test_records_routing_churn_field():
+  window = _stack(_step(LOAD_STEP1_GxE, TRAIN_C, 1.0, 1.0, 1.0),
+                  _step(LOAD_STEP2_GxE, TRAIN_C, 1.0, 1.0, 1.0))
+  recs = _records(window, layers=(1, 3), churn_N=np.array([0.25, 0.5]))
+  assert [r["routing_churn"] for r in recs] == [0.25, 0.5]
+  assert all(r["routing_churn"] is None for r in _records(window, layers=(1, 3)))

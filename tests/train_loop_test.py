@@ -71,6 +71,10 @@ def test_outputs_follow_their_contracts(tiny_config, tmp_path):
       assert r["dropped_fraction"] == pytest.approx(1 - sum(kept) / sum(load))
     assert 0 <= r["router_entropy"] <= math.log(r["num_experts"]) + 1e-6
     assert r["needed_capacity_factor"] > 0
+    if r["split"] == "train":  # the probe batch re-routed at every log step
+      assert 0.0 <= r["routing_churn"] <= 1.0
+    else:
+      assert r["routing_churn"] is None
 
 
 def test_larger_steps_continues_from_checkpoint(tiny_config, tmp_path):

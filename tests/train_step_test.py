@@ -87,3 +87,26 @@ def test_bfloat16_compute_trains(tiny_config):
   state, metrics = _one_step(tiny_config, _tokens(tiny_config))
   assert np.isfinite(float(metrics["scalars"]["loss"]))
   assert jax.tree.leaves(state["params"])[0].dtype == np.float32  # params stay float32
+
+
+def test_probe_returns_first_choices(tiny_config):
+  cfg = config_lib.validate(tiny_config, vocab_size=259)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  tx, _ = optimizer.make(cfg.opt, 10)
+  model, init_fn = state_lib.build(cfg, tx, mesh)
+  state = init_fn(0)
+  tokens = _tokens(tiny_config)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
+    probe = jax.jit(step_lib.make_probe_step(model.graphdef))
+    first = np.asarray(probe(state["params"], state["buffers"], tokens))
+    assert first.shape == (len(cfg.model.moe_layers), cfg.data.batch_size, cfg.data.seq_len)
+    assert first.min() >= 0 and first.max() < cfg.moe.num_experts
+    assert len(np.unique(first)) > 1  # a random router spreads its first choices
+    np.testing.assert_array_equal(
+        np.asarray(probe(state["params"], state["buffers"], tokens)), first)  # deterministic
+    # A zero router ties every expert: top-k then picks expert 0 for every token.
+    zero_router = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 0 if "router" in jax.tree_util.keystr(path) else x,
+        state["params"])
+    np.testing.assert_array_equal(
+        np.asarray(probe(zero_router, state["buffers"], tokens)), 0)

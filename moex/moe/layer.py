@@ -46,7 +46,8 @@ def _router_input(x_BxLxD, cfg: MoEConfig, train: bool, rng) -> jax.Array:
 
 def moe_forward(router_DxE, bias_E, w: experts_lib.ExpertWeights, x_BxLxD, tokens_BxL, rng,
                 *, cfg: MoEConfig, train: bool, ax: parallel.Axes):
-  """Routed experts on this device's tokens: (y [B, L, D], stats, new bias or None)."""
+  """Routed experts on this device's tokens: (y [B, L, D], stats, first-choice expert of
+  each token [B, L], new bias or None)."""
   b, l, _ = x_BxLxD.shape
   logits_BxLxE = jnp.einsum("gsd,de->gse",
                             _router_input(x_BxLxD, cfg, train, rng).astype(jnp.float32),
@@ -98,11 +99,23 @@ def moe_forward(router_DxE, bias_E, w: experts_lib.ExpertWeights, x_BxLxD, token
       reduce=ax, ep_overflow_E=ep_overflow_E,
       shape_stats=stats.routing_shape_stats(r.expert_index_GxSxK, r.probs_GxSxE),
       tokens_per_group=l, top_k=cfg.top_k)
-  return y_BxLxD, layer_stats, new_bias
+  return y_BxLxD, layer_stats, first_choice(r), new_bias
+
+
+def first_choice(r: routing.Routing) -> jax.Array:
+  """Each token's first-choice expert [G, S] (its top router probability for expert choice,
+  where tokens make no choice); the probe behind moe_stats' routing_churn."""
+  if r.expert_index_GxSxK.shape[-1]:
+    return r.expert_index_GxSxK[..., 0].astype(jnp.int32)
+  return jnp.argmax(r.probs_GxSxE, axis=-1).astype(jnp.int32)
 
 
 class MoEBlock(nnx.Module):
-  """Mixture-of-experts SwiGLU block; returns (output [B, L, D], per-layer stats)."""
+  """Mixture-of-experts SwiGLU block; returns (output [B, L, D], per-layer stats).
+
+  The stats include "first_choice" [B, L], each token's first-choice expert: per-token, not
+  a count, so moex.train.step.forward takes it out before stats are accumulated.
+  """
 
   def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs):
     self.cfg = moe_cfg
@@ -133,14 +146,15 @@ class MoEBlock(nnx.Module):
     fn = functools.partial(moe_forward, cfg=self.cfg, train=train)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-      y_BxLxD, layer_stats, new_bias = fn(*args, ax=parallel.Axes())
+      y_BxLxD, layer_stats, first_BxL, new_bias = fn(*args, ax=parallel.Axes())
     else:
-      y_BxLxD, layer_stats, new_bias = _sharded(fn, mesh, args, bias_E is not None and train)
+      y_BxLxD, layer_stats, first_BxL, new_bias = _sharded(fn, mesh, args,
+                                                           bias_E is not None and train)
     if new_bias is not None:
       self.router.bias_E[...] = new_bias
     if self.shared is not None:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
-    return y_BxLxD.astype(x_BxLxD.dtype), layer_stats
+    return y_BxLxD.astype(x_BxLxD.dtype), dict(layer_stats, first_choice=first_BxL)
 
 
 def _sharded(fn, mesh, args, returns_bias: bool):
@@ -162,6 +176,6 @@ def _sharded(fn, mesh, args, returns_bias: bool):
                                      P(e_spec, t_spec, None))
   bias_spec = None if args[1] is None else P()
   in_specs = (P(), bias_spec, w_spec, P(b_spec, None, None), P(b_spec, None), P())
-  out_specs = (P(b_spec, None, None), P(), P() if returns_bias else None)
+  out_specs = (P(b_spec, None, None), P(), P(b_spec, None), P() if returns_bias else None)
   return jax.shard_map(functools.partial(fn, ax=ax), mesh=mesh, in_specs=in_specs,
                        out_specs=out_specs)(*args)

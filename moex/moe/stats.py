@@ -168,12 +168,21 @@ def zeros_like(stats: dict) -> dict:
   return jax.tree.map(jnp.zeros_like, stats)
 
 
+def routing_churn(prev_NxBxL: np.ndarray, cur_NxBxL: np.ndarray) -> np.ndarray:
+  """Per MoE layer, the fraction of probe tokens whose first-choice expert changed."""
+  prev, cur = np.asarray(prev_NxBxL), np.asarray(cur_NxBxL)
+  if prev.shape != cur.shape:
+    raise ValueError(f"routing_churn: probe shapes differ, {prev.shape} vs {cur.shape}")
+  return np.mean(prev != cur, axis=tuple(range(1, cur.ndim)))
+
+
 def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_k: int,
             dispatch: str, capacity: int | None, capacity_factor: float | None,
             train_capacity: int, train_capacity_factor: float,
             tokens_per_group: int, expert_ranks: int = 1,
-            max_experts: int = 64) -> list[dict]:
-  """The moe_stats.jsonl lines of one window; `stats` holds host arrays [num_moe_layers,...]."""
+            max_experts: int = 64, churn_N: np.ndarray | None = None) -> list[dict]:
+  """The moe_stats.jsonl lines of one window; `stats` holds host arrays [num_moe_layers,...];
+  `churn_N` the routing churn of each MoE layer (None: not measured)."""
   out = []
   for i, layer in enumerate(layers):
     s = {k: np.asarray(v[i]) for k, v in stats.items()}
@@ -213,5 +222,6 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "train_capacity_factor": train_capacity_factor,
         "train_capacity_dropped_fraction":
             1.0 - int(s["train_capacity_kept"].sum()) / total if total else 0.0,
+        "routing_churn": None if churn_N is None else float(churn_N[i]),
     })
   return out

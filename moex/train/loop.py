@@ -180,11 +180,22 @@ class _Runner:
                                   out_shardings=rep)
     self.eval_step = jax.jit(eval_step, in_shardings=(p_sh, bf_sh, rep, self.batch_sh),
                              out_shardings=rep, donate_argnums=(2,))
+    # routing_churn: first choices on the first eval batch at every train log step.
+    self.probe_step = jax.jit(step_lib.make_probe_step(model.graphdef),
+                              in_shardings=(p_sh, bf_sh, self.batch_sh), out_shardings=rep)
+    self.probe_tokens = self._tokens(data.eval_batches[0])
+
+  def probe(self, state: dict) -> np.ndarray | None:
+    """First-choice experts [num_moe_layers, B, L] on the probe batch (None if dense)."""
+    if not self.cfg.model.moe_layers:
+      return None
+    return _to_host(self.probe_step(state["params"], state["buffers"], self.probe_tokens))
 
   def _tokens(self, batch: dict) -> jax.Array:
     return jax.make_array_from_process_local_data(self.batch_sh, batch["tokens"])
 
-  def _moe_records(self, moe_host: dict, step: int, split: str) -> list[dict]:
+  def _moe_records(self, moe_host: dict, step: int, split: str,
+                   churn_N: np.ndarray | None = None) -> list[dict]:
     if not moe_host:
       return []
     m, l = self.cfg.moe, self.cfg.data.seq_len
@@ -199,7 +210,7 @@ class _Runner:
         dispatch=path, capacity=m.capacity(l, cf) if cf else None, capacity_factor=cf,
         train_capacity=m.capacity(l, m.capacity_factor),
         train_capacity_factor=m.capacity_factor, tokens_per_group=l,
-        expert_ranks=self.expert_ranks, max_experts=m.stats_max_experts)
+        expert_ranks=self.expert_ranks, max_experts=m.stats_max_experts, churn_N=churn_N)
 
   def evaluate(self, state: dict, step: int) -> dict:
     t0 = time.time()
@@ -236,6 +247,7 @@ class _Runner:
       logging.info("already trained %d >= train.steps=%d steps; evaluating only", step, total)
       last_eval = self.evaluate(state, step)
     acc = self.train_acc_zeros()
+    first_choice = self.probe(state)
     flag = _StopFlag()
     t_start = t_window = t_progress = time.time()
     start_step, window_start = step, step
@@ -261,7 +273,12 @@ class _Runner:
                     "seq_load_balance_loss": s["seq_load_balance_loss"], "z_loss": s["z_loss"],
                     **self.mfu(tps)}
           self.writer.metrics(record)
-          self.writer.moe_stats(self._moe_records(host["moe"], step, "train"))
+          churn_N = None
+          if first_choice is not None:
+            new_choice = self.probe(state)
+            churn_N = moe_stats.routing_churn(first_choice, new_choice)
+            first_choice = new_choice
+          self.writer.moe_stats(self._moe_records(host["moe"], step, "train", churn_N))
           t_window, window_start = now, step
           self._progress(step, total, s["loss"], tps, (now - t_start) / (step - start_step))
           t_progress = now

@@ -26,10 +26,12 @@ def forward(graphdef, params, buffers, tokens_BxL1: jax.Array, *, train: bool,
             rng: jax.Array | None = None):
   """(logits for tokens[:, :-1], targets tokens[:, 1:], stacked MoE stats, new buffers).
 
-  The model may update its buffers in training (the aux-loss-free router bias does).
+  The model may update its buffers in training (the aux-loss-free router bias does). The
+  per-token first choices are dropped from the stats (see `make_probe_step`).
   """
   model = nnx.merge(graphdef, params, buffers)
   logits_BxLxV, moe = model(tokens_BxL1[:, :-1], train=train, rng=rng)
+  moe = {k: v for k, v in moe.items() if k != "first_choice"}
   new_buffers = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
   return logits_BxLxV, tokens_BxL1[:, 1:], moe, new_buffers
 
@@ -151,6 +153,21 @@ def make_eval_step(cfg: Config, graphdef, token_bytes: np.ndarray) -> tuple[Call
     return accumulate(acc, core(params, buffers, tokens_BxL1))
 
   return core, step
+
+
+def make_probe_step(graphdef) -> Callable:
+  """probe(params, buffers, tokens [B, L+1]) -> first-choice expert [num_moe_layers, B, L]
+  of every token under evaluation routing (the routing_churn probe; [0, B, L] for a dense
+  model)."""
+
+  def probe(params, buffers, tokens_BxL1: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, params, buffers)
+    _, moe = model(tokens_BxL1[:, :-1], train=False)
+    if not moe:
+      return jnp.zeros((0,) + tokens_BxL1[:, :-1].shape, jnp.int32)
+    return moe["first_choice"]
+
+  return probe
 
 
 def train_summary(acc: dict) -> dict:

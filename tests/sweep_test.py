@@ -1,0 +1,49 @@
+"""moex/sweep.py: skips finished variants, stops on a failed one, writes the summary."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from report_test import _write_workdir
+
+ROOT = pathlib.Path(__file__).parents[1]
+CONFIG = '''
+import ml_collections
+VARIANTS = ("a", "b")
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.train = ml_collections.ConfigDict({"steps": 30})
+  if arg == "broken":
+    c.model = ml_collections.ConfigDict({"d_model": -1})
+  return c
+'''
+
+
+def _sweep(tmp_path, *args):
+  (tmp_path / "exp.py").write_text(CONFIG)
+  return subprocess.run(
+      [sys.executable, "-m", "moex.sweep", f"--config={tmp_path / 'exp.py'}",
+       f"--root={tmp_path / 'root'}", "--bench_steps=0", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_finished_variants_are_summarized_not_rerun(tmp_path):
+  for v in ("a", "b"):
+    os.makedirs(tmp_path / "root" / v)
+    _write_workdir(tmp_path / "root" / v, torn=False)
+  r = _sweep(tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert "already finished" in r.stderr and "moex.main" not in r.stderr
+  summary = (tmp_path / "root" / "summary.md").read_text()
+  assert "| a | 3.0000 |" in summary and "| b | 3.0000 |" in summary
+  for name in ("sweep.png", "sweep_routing.png"):
+    assert (tmp_path / "root" / name).stat().st_size > 1000
+
+
+def test_failed_variant_stops_the_sweep_naming_its_log(tmp_path):
+  r = _sweep(tmp_path, "--variants=broken,a")
+  assert r.returncode != 0
+  log = tmp_path / "root" / "broken.log"
+  assert "variant 'broken' failed" in r.stderr and str(log) in r.stderr, r.stderr
+  assert log.exists() and not (tmp_path / "root" / "a").exists()
