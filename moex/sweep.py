@@ -1,7 +1,8 @@
 """Runs every variant of an experiment config, then compares them: one command per study.
 
   python -m moex.sweep --config=experiments/capacity_sweep.py --root=workdirs/cf_sweep \
-      [--variants=1.0,2.0] [--figure=docs/figures/capacity_sweep.png] [--bench_steps=8]
+      [--variants=1.0,2.0] [--figure=docs/figures/capacity_sweep.png] [--bench_steps=8] \
+      [--seed=1]
 
 The config file names its variants in a module-level VARIANTS tuple (or pass --variants);
 variant V trains with `python -m moex.main --config=FILE:V --workdir=ROOT/V`, one at a time,
@@ -32,6 +33,8 @@ _ROOT = flags.DEFINE_string("root", None, "One workdir per variant goes under he
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: VARIANTS).")
 _FIGURE = flags.DEFINE_string("figure", None, "Eval-curve PNG (default ROOT/sweep.png); "
                               "the routing figure goes next to it as *_routing.png.")
+_SEED = flags.DEFINE_integer("seed", None, "Overrides every variant's config.seed (a "
+                             "replicate of the sweep: give it its own --root).")
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 8, "Timed train steps per variant in the "
                                     "throughput comparison; 0 skips it.")
 
@@ -53,10 +56,19 @@ def finished(workdir: str, steps: int) -> bool:
   return any(r.get("split") == "eval" and r["step"] >= steps for r in rows)
 
 
+def get_config(module, variant: str):
+  cd = module.get_config(variant)
+  if _SEED.value is not None:
+    cd.seed = _SEED.value
+  return cd
+
+
 def run_variant(config: str, variant: str, workdir: str) -> None:
   log = workdir + ".log"
   cmd = [sys.executable, "-m", "moex.main", f"--config={config}:{variant}",
          f"--workdir={workdir}"]
+  if _SEED.value is not None:
+    cmd.append(f"--config.seed={_SEED.value}")
   logging.info("sweep: %s (log %s)", " ".join(cmd[1:]), log)
   t = time.time()
   with open(log, "a") as f:
@@ -73,7 +85,7 @@ def bench_table(module, variants: list[str], steps: int) -> tuple[str, dict]:
   results = {}
   for v in variants:
     logging.info("sweep: timing variant %s", v)
-    results[v] = train_step.bench(module.get_config(v), steps, warmup=2)
+    results[v] = train_step.bench(get_config(module, v), steps, warmup=2)
   base = results[variants[0]]["tokens_per_sec"]
   device = results[variants[0]]["device"]
   lines = [f"Train step timed back to back ({steps} steps each, {device}):", "",
@@ -96,7 +108,7 @@ def main(argv):
   os.makedirs(root, exist_ok=True)
   dirs = [os.path.join(root, v) for v in variants]
   for i, (v, d) in enumerate(zip(variants, dirs)):
-    steps = module.get_config(v).train.steps
+    steps = get_config(module, v).train.steps
     if finished(d, steps):
       logging.info("sweep: variant %s (%d/%d) already finished in %s", v, i + 1,
                    len(variants), d)
