@@ -47,3 +47,28 @@ def test_failed_variant_stops_the_sweep_naming_its_log(tmp_path):
   log = tmp_path / "root" / "broken.log"
   assert "variant 'broken' failed" in r.stderr and str(log) in r.stderr, r.stderr
   assert log.exists() and not (tmp_path / "root" / "a").exists()
+
+
+def test_seed_override_reaches_the_training_command(tmp_path):
+  r = _sweep(tmp_path, "--variants=broken", "--seed=7")
+  assert r.returncode != 0
+  assert "--config.seed=7" in r.stderr, r.stderr
+
+
+def test_trains_times_and_summarizes_a_variant(tiny_config, tmp_path):
+  tiny_config.train.steps = 2
+  tiny_config.train.eval_every = 2
+  (tmp_path / "tiny_exp.py").write_text(
+      "import ml_collections\nVARIANTS = ('dropless',)\n"
+      f"def get_config(arg=None):\n"
+      f"  c = ml_collections.ConfigDict({tiny_config.to_dict()!r})\n"
+      f"  c.moe.dispatch = arg\n  return c\n")
+  r = subprocess.run(
+      [sys.executable, "-m", "moex.sweep", f"--config={tmp_path / 'tiny_exp.py'}",
+       f"--root={tmp_path / 'root'}", "--bench_steps=2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = (tmp_path / "root" / "summary.md").read_text()
+  assert "| dropless |" in summary and "Train step timed back to back" in summary
+  assert (tmp_path / "root" / "bench.json").exists()
+  assert "final validation" in (tmp_path / "root" / "dropless.log").read_text()

@@ -24,11 +24,14 @@ from moex.data import tokenizer as tokenizer_lib
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import flops, optimizer, state as state_lib, step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-_JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
-flags.mark_flags_as_required(["config"])
+
+def _define_flags() -> None:
+  """Flags only when run as a program: `bench` is also imported (moex.sweep)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config.")
+  flags.DEFINE_integer("steps", 10, "Timed steps.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+  flags.DEFINE_string("json", None, "Also write the results here as JSON.")
+  flags.mark_flags_as_required(["config"])
 
 
 def bench(cd, steps: int, warmup: int) -> dict:
@@ -72,7 +75,8 @@ def bench(cd, steps: int, warmup: int) -> dict:
 
 def main(argv):
   del argv
-  r = bench(_CONFIG.value, _STEPS.value, _WARMUP.value)
+  f = flags.FLAGS
+  r = bench(f.config, f.steps, f.warmup)
   model_flops_step = r["model_flops_per_token"] * r["tokens_per_sec"] * r["step_ms"] / 1e3
   print(f"{r['device']} x{r['devices']}: compile {r['compile_s']:.1f}s, step "
         f"{r['step_ms']:.1f} ms, {r['tokens_per_sec']:.0f} tok/s, "
@@ -80,10 +84,11 @@ def main(argv):
         f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} (peak "
         f"{r['peak_tflops_per_device']:.3f} TFLOP/s per device); XLA counts "
         f"{r['xla_flops_per_step'] / max(model_flops_step, 1):.2f}x the model FLOPs")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(r, f, indent=2)
+  if f.json:
+    with open(f.json, "w") as out:
+      json.dump(r, out, indent=2)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
