@@ -1,18 +1,23 @@
 """Reference experiment 1: sparse beats dense at equal per-token compute (Mixtral, Switch).
 
 The tiny MoE (8 experts of width 256, top-2) against the dense model with the same active
-parameters (dense hidden size = K x expert hidden = 512), same data, same steps:
+parameters (dense hidden size = K x expert hidden = 512), same data, same steps. One
+command trains both, times their train steps back to back and writes the comparison table
+and figure (eval loss curves, final bits per byte) to workdirs/svd/summary.md:
 
-  python -m moex.main --config=experiments/sparse_vs_dense.py:moe --workdir=workdirs/svd_moe
-  python -m moex.main --config=experiments/sparse_vs_dense.py:dense --workdir=workdirs/svd_dense
-  python -m moex.report --workdir=workdirs/svd_moe
+  python -m moex.sweep --config=experiments/sparse_vs_dense.py --root=workdirs/svd
 
-Compare the eval loss curves and final bits per byte in the two metrics.jsonl files.
+or one at a time:
+
+  python -m moex.main --config=experiments/sparse_vs_dense.py:moe --workdir=workdirs/svd/moe
+  python -m moex.main --config=experiments/sparse_vs_dense.py:dense --workdir=workdirs/svd/dense
 """
 
 import ml_collections
 
 from experiments import tiny
+
+VARIANTS = ("moe", "dense")  # What `moex.sweep` runs, in this order.
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

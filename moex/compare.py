@@ -187,6 +187,76 @@ def plot_routing(runs: dict[str, report.Run], out: str) -> bool:
   return True
 
 
+def seed_table(final: dict[str, dict[str, float | None]]) -> str:
+  """Markdown: a final number per variant (rows) and seed (columns), its mean and sample
+  standard deviation over seeds, and each variant minus the first variant paired by seed
+  (mean ± sd of the differences; a seed missing from either side is left out of the pair).
+
+  `final`: variant -> seed label -> value (None: no value for that seed).
+  """
+  seeds = list(dict.fromkeys(k for row in final.values() for k in row))
+  base = next(iter(final.values()))
+
+  def stats(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+      return "–", "–"
+    return f"{np.mean(xs):.4f}", f"{np.std(xs, ddof=1):.4f}" if len(xs) > 1 else "–"
+
+  first = next(iter(final))
+  lines = ["| run | " + " | ".join(seeds) + " | mean | sd | " + f"minus {first} (paired) |",
+           "|---|" + "---:|" * (len(seeds) + 3)]
+  for label, row in final.items():
+    cells = [f"{row[s]:.4f}" if row.get(s) is not None else "–" for s in seeds]
+    mean, sd = stats([row.get(s) for s in seeds])
+    diffs = [row[s] - base[s] for s in seeds
+             if row.get(s) is not None and base.get(s) is not None]
+    if label == first or not diffs:
+      paired = "–"
+    else:
+      paired = f"{np.mean(diffs):+.4f}" + (f" ± {np.std(diffs, ddof=1):.4f}"
+                                           if len(diffs) > 1 else "")
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} | {sd} | {paired} |")
+  return "\n".join(lines)
+
+
+def plot_seeds(curves: dict[str, list[dict[int, float]]], out: str) -> None:
+  """Eval bits per byte per variant over steps: mean over seeds, min-max band."""
+  fig, (ax,) = _figure(1, 6.5)
+  top = 0.0
+  for i, (label, runs) in enumerate(curves.items()):
+    steps = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
+    if not steps:
+      continue
+    ys = np.array([[c[s] for s in steps] for c in runs])
+    top = max(top, ys.max())
+    ax.plot(steps, ys.mean(0), marker="o", color=f"C{i}", label=f"{label} (n={len(runs)})")
+    ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+  ax.set(xlabel="step", ylabel="eval bits per byte",
+         title="Eval bits per byte: mean over seeds, min-max band")
+  ax.set_ylim(top=min(top, 4.0) if top else None)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  _save(fig, out)
+
+
+def seeds_path(out: str) -> str:
+  stem, ext = os.path.splitext(out)
+  return f"{stem}_seeds{ext or '.png'}"
+
+
+def compare_seeds(dirs: dict[str, dict[str, str]], out: str) -> str:
+  """`dirs`: variant -> seed label -> workdir. Writes seeds_path(out); returns Markdown:
+  the final eval bits/byte table over seeds (`seed_table`)."""
+  curves = {v: [c for c in (eval_curve(d) for d in by_seed.values()) if c]
+            for v, by_seed in dirs.items()}
+  plot_seeds(curves, seeds_path(out))
+  final = {v: {s: summarize(d)["eval_bpb"] for s, d in by_seed.items()}
+           for v, by_seed in dirs.items()}
+  return ("Final eval bits per byte over seeds:\n\n" + seed_table(final)
+          + f"\n\nFigure: {seeds_path(out)}\n")
+
+
 def routing_path(out: str) -> str:
   stem, ext = os.path.splitext(out)
   return f"{stem}_routing{ext or '.png'}"

@@ -2,7 +2,7 @@
 
   python -m moex.sweep --config=experiments/capacity_sweep.py --root=workdirs/cf_sweep \
       [--variants=1.0,2.0] [--figure=docs/figures/capacity_sweep.png] [--bench_steps=8] \
-      [--seed=1]
+      [--seeds=1,2]
 
 The config file names its variants in a module-level VARIANTS tuple (or pass --variants);
 variant V trains with `python -m moex.main --config=FILE:V --workdir=ROOT/V`, one at a time,
@@ -11,6 +11,12 @@ its checkpoint, so re-running the command after a crash or preemption loses noth
 Then the train step of every variant is timed in this one process (moex.bench.train_step,
 fresh weights, random tokens: a like-for-like throughput ratio free of other load on the
 machine), and ROOT/summary.md gets the moex.compare tables, the timing table and figures.
+
+--seeds=1,2 adds replicates: every variant trains again with config.seed=S in ROOT/seedS/V
+(after all of ROOT/V), and the summary adds each variant's final eval bits per byte per
+seed, mean, standard deviation and difference from the first variant paired by seed, with a
+mean-over-seeds figure (FIGURE's stem + "_seeds.png"). Differences between variants smaller
+than the spread between seeds are not results.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ _ROOT = flags.DEFINE_string("root", None, "One workdir per variant goes under he
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to run (default: VARIANTS).")
 _FIGURE = flags.DEFINE_string("figure", None, "Eval-curve PNG (default ROOT/sweep.png); "
                               "the routing figure goes next to it as *_routing.png.")
-_SEED = flags.DEFINE_integer("seed", None, "Overrides every variant's config.seed (a "
-                             "replicate of the sweep: give it its own --root).")
+_SEEDS = flags.DEFINE_list("seeds", [], "Replicate seeds: each variant also trains with "
+                           "config.seed=S in ROOT/seedS/V.")
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 8, "Timed train steps per variant in the "
                                     "throughput comparison; 0 skips it.")
 
@@ -56,19 +62,20 @@ def finished(workdir: str, steps: int) -> bool:
   return any(r.get("split") == "eval" and r["step"] >= steps for r in rows)
 
 
-def get_config(module, variant: str):
-  cd = module.get_config(variant)
-  if _SEED.value is not None:
-    cd.seed = _SEED.value
-  return cd
+def seeds() -> list[int]:
+  try:
+    return [int(s) for s in _SEEDS.value]
+  except ValueError:
+    raise app.UsageError(f"--seeds: not a list of integers: {','.join(_SEEDS.value)}")
 
 
-def run_variant(config: str, variant: str, workdir: str) -> None:
+def run_variant(config: str, variant: str, workdir: str, seed: int | None) -> None:
   log = workdir + ".log"
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
   cmd = [sys.executable, "-m", "moex.main", f"--config={config}:{variant}",
          f"--workdir={workdir}"]
-  if _SEED.value is not None:
-    cmd.append(f"--config.seed={_SEED.value}")
+  if seed is not None:
+    cmd.append(f"--config.seed={seed}")
   logging.info("sweep: %s (log %s)", " ".join(cmd[1:]), log)
   t = time.time()
   with open(log, "a") as f:
@@ -85,7 +92,7 @@ def bench_table(module, variants: list[str], steps: int) -> tuple[str, dict]:
   results = {}
   for v in variants:
     logging.info("sweep: timing variant %s", v)
-    results[v] = train_step.bench(get_config(module, v), steps, warmup=2)
+    results[v] = train_step.bench(module.get_config(v), steps, warmup=2)
   base = results[variants[0]]["tokens_per_sec"]
   device = results[variants[0]]["device"]
   lines = [f"Train step timed back to back ({steps} steps each, {device}):", "",
@@ -105,18 +112,26 @@ def main(argv):
   if not variants:
     raise app.UsageError(f"{_CONFIG.value} has no VARIANTS; pass --variants")
   root = _ROOT.value
+  replicate_seeds = seeds()
   os.makedirs(root, exist_ok=True)
   dirs = [os.path.join(root, v) for v in variants]
-  for i, (v, d) in enumerate(zip(variants, dirs)):
-    steps = get_config(module, v).train.steps
-    if finished(d, steps):
-      logging.info("sweep: variant %s (%d/%d) already finished in %s", v, i + 1,
-                   len(variants), d)
+  runs = [(None, v, d) for v, d in zip(variants, dirs)] + [
+      (s, v, os.path.join(root, f"seed{s}", v)) for s in replicate_seeds for v in variants]
+  for i, (seed, v, d) in enumerate(runs):
+    name = v if seed is None else f"{v} seed {seed}"
+    if finished(d, module.get_config(v).train.steps):
+      logging.info("sweep: %s (%d/%d) already finished in %s", name, i + 1, len(runs), d)
       continue
-    logging.info("sweep: variant %s (%d/%d)", v, i + 1, len(variants))
-    run_variant(_CONFIG.value, v, d)
+    logging.info("sweep: %s (%d/%d)", name, i + 1, len(runs))
+    run_variant(_CONFIG.value, v, d, seed)
   figure = _FIGURE.value or os.path.join(root, "sweep.png")
   md = compare.compare(dirs, variants, figure)
+  if replicate_seeds:
+    by_seed = {v: {f"seed {module.get_config(v).get('seed', 0)}": d}
+               for v, d in zip(variants, dirs)}
+    for seed, v, d in runs[len(variants):]:
+      by_seed[v][f"seed {seed}"] = d
+    md += "\n" + compare.compare_seeds(by_seed, figure)
   if _BENCH_STEPS.value > 0:
     timing, results = bench_table(module, variants, _BENCH_STEPS.value)
     md += "\n" + timing + "\n"

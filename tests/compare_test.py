@@ -50,3 +50,19 @@ def test_summary_and_routing_figure_of_moe_runs(tmp_path):
   assert "routing churn" not in md  # no run measured it: the column is left out
   for name in ("c.png", "c_routing.png"):
     assert (tmp_path / "out" / name).stat().st_size > 1000
+
+
+def test_seed_table_means_sds_and_paired_differences():
+  final = {"moe": {"s0": 1.0, "s1": 2.0, "s2": 3.0},
+           "dense": {"s0": 1.5, "s1": 2.0, "s2": None}}
+  lines = compare.seed_table(final).splitlines()
+  assert lines[0] == "| run | s0 | s1 | s2 | mean | sd | minus moe (paired) |"
+  assert lines[2] == "| moe | 1.0000 | 2.0000 | 3.0000 | 2.0000 | 1.0000 | – |"
+  # dense - moe over the seeds both have: +0.5, 0.0 -> mean 0.25, sd 0.3536.
+  assert lines[3] == "| dense | 1.5000 | 2.0000 | – | 1.7500 | 0.3536 | +0.2500 ± 0.3536 |"
+
+
+def test_seed_figure_is_written(tmp_path):
+  curves = {"a": [{0: 5.0, 10: 3.0}, {0: 5.5, 10: 3.2}], "b": [{0: 5.0, 10: 2.9}]}
+  compare.plot_seeds(curves, str(tmp_path / "s.png"))
+  assert (tmp_path / "s.png").stat().st_size > 1000

@@ -63,7 +63,14 @@ def test_sweep_variants_differ_where_they_say():
   assert cf["dropless"].dispatch == "dropless" and cf["1.0"].dispatch == "capacity"
   with pytest.raises(ValueError, match="capacity_sweep"):
     capacity_sweep.get_config("big")
+  from experiments import sparse_vs_dense
+  svd = {v: sparse_vs_dense.get_config(v).model for v in sparse_vs_dense.VARIANTS}
+  assert svd["dense"].first_dense_layers == svd["dense"].num_layers
+  assert svd["moe"].first_dense_layers < svd["moe"].num_layers
+  assert svd["moe"].d_ff == svd["dense"].d_ff == 2 * sparse_vs_dense.get_config().moe.d_expert
   bal = {v: balancing.get_config(v).moe for v in balancing.VARIANTS}
-  assert [bal[v].load_balance_weight for v in balancing.VARIANTS] == [0.0, 1e-2, 0.0]
+  assert [bal[v].load_balance_weight for v in balancing.VARIANTS] == [0.0, 1e-2, 0.0, 0.0]
   assert bal["aux_free"].router == "sigmoid_bias" and bal["none"].router == "topk_softmax"
+  assert bal["aux_free_fast"].router == "sigmoid_bias"
+  assert bal["aux_free_fast"].bias_update_rate == 10 * bal["aux_free"].bias_update_rate
   assert all(m.z_loss_weight == 0 for m in bal.values())

@@ -49,10 +49,34 @@ def test_failed_variant_stops_the_sweep_naming_its_log(tmp_path):
   assert log.exists() and not (tmp_path / "root" / "a").exists()
 
 
-def test_seed_override_reaches_the_training_command(tmp_path):
-  r = _sweep(tmp_path, "--variants=broken", "--seed=7")
+def test_replicate_seeds_train_in_their_own_workdirs(tmp_path):
+  for v in ("a", "b"):
+    os.makedirs(tmp_path / "root" / v)
+    _write_workdir(tmp_path / "root" / v, torn=False)
+  os.makedirs(tmp_path / "root" / "seed7" / "a")
+  _write_workdir(tmp_path / "root" / "seed7" / "a", torn=False)
+  r = _sweep(tmp_path, "--seeds=7")  # seed 7 of b is missing: its (broken) run is started
   assert r.returncode != 0
-  assert "--config.seed=7" in r.stderr, r.stderr
+  log = tmp_path / "root" / "seed7" / "b.log"
+  assert "--config.seed=7" in r.stderr and str(log) in r.stderr, r.stderr
+  assert r.stderr.count("already finished") == 3, r.stderr
+
+
+def test_replicate_seeds_are_summarized_over_seeds(tmp_path):
+  for d in ("a", "b", "seed7/a", "seed7/b"):
+    os.makedirs(tmp_path / "root" / d)
+    _write_workdir(tmp_path / "root" / d, torn=False)
+  r = _sweep(tmp_path, "--seeds=7")
+  assert r.returncode == 0, r.stderr
+  summary = (tmp_path / "root" / "summary.md").read_text()
+  assert "| run | seed 0 | seed 7 | mean | sd | minus a (paired) |" in summary, summary
+  assert "| b | 3.0000 | 3.0000 | 3.0000 | 0.0000 | +0.0000 ± 0.0000 |" in summary, summary
+  assert (tmp_path / "root" / "sweep_seeds.png").stat().st_size > 1000
+
+
+def test_bad_seeds_are_a_usage_error(tmp_path):
+  r = _sweep(tmp_path, "--seeds=1,x")
+  assert r.returncode != 0 and "--seeds" in r.stderr.splitlines()[-1], r.stderr
 
 
 def test_trains_times_and_summarizes_a_variant(tiny_config, tmp_path):
