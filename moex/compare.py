@@ -195,15 +195,14 @@ def seed_table(final: dict[str, dict[str, float | None]]) -> str:
   `final`: variant -> seed label -> value (None: no value for that seed).
   """
   seeds = list(dict.fromkeys(k for row in final.values() for k in row))
-  base = next(iter(final.values()))
+  first, base = next(iter(final.items()))
 
   def stats(xs):
     xs = [x for x in xs if x is not None]
-    if not xs:
-      return "–", "–"
-    return f"{np.mean(xs):.4f}", f"{np.std(xs, ddof=1):.4f}" if len(xs) > 1 else "–"
+    mean = f"{np.mean(xs):.4f}" if xs else "–"
+    sd = f"{np.std(xs, ddof=1):.4f}" if len(xs) > 1 else "–"
+    return mean, sd
 
-  first = next(iter(final))
   lines = ["| run | " + " | ".join(seeds) + " | mean | sd | " + f"minus {first} (paired) |",
            "|---|" + "---:|" * (len(seeds) + 3)]
   for label, row in final.items():
@@ -248,13 +247,13 @@ def seeds_path(out: str) -> str:
 def compare_seeds(dirs: dict[str, dict[str, str]], out: str) -> str:
   """`dirs`: variant -> seed label -> workdir. Writes seeds_path(out); returns Markdown:
   the final eval bits/byte table over seeds (`seed_table`)."""
-  curves = {v: [c for c in (eval_curve(d) for d in by_seed.values()) if c]
-            for v, by_seed in dirs.items()}
-  plot_seeds(curves, seeds_path(out))
-  final = {v: {s: summarize(d)["eval_bpb"] for s, d in by_seed.items()}
-           for v, by_seed in dirs.items()}
+  curves = {v: {s: eval_curve(d) for s, d in by_seed.items()} for v, by_seed in dirs.items()}
+  figure = seeds_path(out)
+  plot_seeds({v: [c for c in by_seed.values() if c] for v, by_seed in curves.items()}, figure)
+  final = {v: {s: c[max(c)] if c else None for s, c in by_seed.items()}
+           for v, by_seed in curves.items()}
   return ("Final eval bits per byte over seeds:\n\n" + seed_table(final)
-          + f"\n\nFigure: {seeds_path(out)}\n")
+          + f"\n\nFigure: {figure}\n")
 
 
 def routing_path(out: str) -> str:
