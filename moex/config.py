@@ -27,6 +27,17 @@ class ConfigError(ValueError):
   """A bad config value; the message is one line that names the key."""
 
 
+def capacity(capacity_factor: float, tokens_per_group: int, top_k: int, num_experts: int,
+             min_capacity: int) -> int:
+  """Per-expert buffer rows for one group (sequence) of S tokens: the one capacity formula.
+
+  C = max(ceil(cf * S * K / E), min_capacity). The MoE layer, its statistics and
+  moex.report (recomputing drops at other factors from moe_stats.jsonl) all call this.
+  """
+  c = math.ceil(capacity_factor * tokens_per_group * top_k / num_experts)
+  return max(c, min_capacity)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -86,9 +97,9 @@ class MoEConfig:
   stats_max_experts: int = 64
 
   def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
-    """Per-expert buffer size C = max(ceil(cf * S * K / E), min_capacity) for a group of S."""
-    c = math.ceil(capacity_factor * tokens_per_group * self.top_k / self.num_experts)
-    return max(c, self.min_capacity)
+    """Per-expert buffer size for a group of S tokens (module-level `capacity`)."""
+    return capacity(capacity_factor, tokens_per_group, self.top_k, self.num_experts,
+                    self.min_capacity)
 
 
 @dataclasses.dataclass(frozen=True)
