@@ -1,10 +1,17 @@
-"""Tests for moex/moe/dispatch.py, on routings built by hand."""
+"""Tests for moex/moe/dispatch.py, on routings built by hand.
+
+Capacity slots and buffers, what a drop contributes, the drop policies (position and
+probability order), renormalization after drops, and the dropless path's sorted rows
+against the capacity path that drops nothing. Survivors and factors are written out
+literally.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from moe_reference import JIT_OPTIONS
 
 from moex.moe import dispatch, gmm, routing
 
@@ -21,7 +28,9 @@ KEPT_SxK = [[True, True], [True, False], [False, False], [True, False]]
 SCALE_E = np.array([2.0, 3.0], np.float32)  # The hand experts: expert e multiplies by it.
 
 # Jitted once per shape: eager dispatch compiles each of its many small ops separately.
-capacity_dispatch = jax.jit(dispatch.capacity_dispatch, static_argnums=(2, 3))
+# (x, routing, capacity, experts, priority, renormalize): capacity, experts, renormalize static.
+capacity_dispatch = jax.jit(dispatch.capacity_dispatch, static_argnums=(2, 3, 5),
+                            **JIT_OPTIONS)
 dropless_dispatch = jax.jit(dispatch.dropless_dispatch, static_argnums=(2,))
 
 
@@ -179,3 +188,84 @@ def test_dropless_equals_capacity_without_drops(backend):
   np.testing.assert_allclose(y_min, y_cap, rtol=1e-6, atol=1e-6)
   _, kept_less = capacity_dispatch(x, r, int(load) - 1, buffered)
   assert not bool(jnp.all(kept_less))
+
+
+# Drop policies. The hand experts of three experts scale by 2, 3, 5.
+HAND_SCALE_E = (2.0, 3.0, 5.0)
+_hand_experts = _scale_experts(HAND_SCALE_E)  # one function: compiles once per shape
+_positions = jax.jit(dispatch.capacity_positions, static_argnums=(1,), **JIT_OPTIONS)
+
+
+def _hand_dispatch(expert, weight, capacity, policy, renormalize=False):
+  """(y / x per token [G, S], kept [G, S, K]) for x = ones: the factor each token got."""
+  r = _routing(expert, weight, 3)
+  g, s, _ = r.expert_index_GxSxK.shape
+  x = jnp.ones((g, s, 2), jnp.float32)
+  priority = r.combine_weight_GxSxK if policy == "probability" else None
+  y, kept = capacity_dispatch(x, r, capacity, _hand_experts, priority, renormalize)
+  np.testing.assert_allclose(y[..., 0], y[..., 1])
+  return np.asarray(y[..., 0]), np.asarray(kept)
+
+
+# One sequence, E=3, K=2, capacity 1 (experts scale by 2, 3, 5):
+#   position:    choice 0 by position: t0->e0 kept, t1->e0 drop, t2->e1 kept, t3->e1 drop;
+#                choice 1: t0->e1 drop, t1->e2 kept, t2->e2 drop, t3->e0 drop.
+#   probability: choice 0 by weight 0.9 t1->e0, 0.8 t3->e1 kept, 0.7 t2->e1, 0.5 t0->e0 drop;
+#                choice 1 by weight 0.5 t0->e1 drop, 0.3 t2->e2 kept, 0.2 t3->e0, 0.1 t1->e2.
+EXPERT = [[0, 1], [0, 2], [1, 2], [1, 0]]
+WEIGHT = [[0.5, 0.5], [0.9, 0.1], [0.7, 0.3], [0.8, 0.2]]
+KEPT = {"position": [[True, False], [False, True], [True, False], [False, False]],
+        "probability": [[False, False], [True, False], [False, True], [True, False]]}
+FACTOR = {"position": [0.5 * 2, 0.1 * 5, 0.7 * 3, 0.0],
+          "probability": [0.0, 0.9 * 2, 0.3 * 5, 0.8 * 3]}
+# renormalize: a survivor carries its token's whole weight (1.0); all dropped -> 0.
+FACTOR_RENORMALIZED = {"position": [2.0, 5.0, 3.0, 0.0], "probability": [0.0, 2.0, 5.0, 3.0]}
+
+
+@pytest.mark.parametrize("policy", ["position", "probability"])
+def test_drop_policy_by_hand(policy):
+  factor, kept = _hand_dispatch([EXPERT], [WEIGHT], 1, policy)
+  np.testing.assert_array_equal(kept[0], KEPT[policy])
+  np.testing.assert_allclose(factor[0], FACTOR[policy], rtol=1e-6)
+  factor, kept = _hand_dispatch([EXPERT], [WEIGHT], 1, policy, renormalize=True)
+  np.testing.assert_array_equal(kept[0], KEPT[policy])
+  np.testing.assert_allclose(factor[0], FACTOR_RENORMALIZED[policy], rtol=1e-6)
+
+
+def test_probability_slots_by_hand():
+  # Slots in each expert's buffer under the probability order (see the comment above).
+  slots = _positions(jnp.asarray([EXPERT], jnp.int32), 3, jnp.asarray([WEIGHT]))
+  np.testing.assert_array_equal(slots[0], [[1, 2], [0, 1], [1, 0], [0, 2]])
+
+
+def test_groups_are_independent_and_probability_ignores_position():
+  # Group 1 is group 0 with its tokens reversed: the probability policy keeps the same
+  # assignments (reversed); the position policy now favours the other tokens.
+  expert, weight = [EXPERT, EXPERT[::-1]], [WEIGHT, WEIGHT[::-1]]
+  _, kept = _hand_dispatch(expert, weight, 1, "probability")
+  np.testing.assert_array_equal(kept[1], np.asarray(KEPT["probability"])[::-1])
+  _, kept = _hand_dispatch(expert, weight, 1, "position")
+  np.testing.assert_array_equal(kept[0], KEPT["position"])
+  # Reversed: t3->e1 kept, t2->e1 drop, t1->e0 kept, t0->e0 drop; then t3's second (e0)
+  # drop, t2's second (e2) kept, t1's second (e2) drop, t0's second (e1) drop.
+  np.testing.assert_array_equal(kept[1], [[True, False], [False, True], [True, False],
+                                          [False, False]])
+
+
+def test_probability_keeps_first_choices_before_second():
+  # E=2 (scales 2, 3), K=2, capacity 2. t3's second choice (expert 0, weight 0.8) outweighs
+  # the first choices of t0 (0.6) and t2 (0.55) for expert 0, yet they win the two slots:
+  # priority is by weight only within a choice level.
+  expert = [[[0, 1], [1, 0], [0, 1], [1, 0]]]
+  weight = [[[0.6, 0.4], [0.9, 0.1], [0.55, 0.45], [0.2, 0.8]]]
+  factor, kept = _hand_dispatch(expert, weight, 2, "probability")
+  np.testing.assert_array_equal(kept[0], [[True, False]] * 4)
+  np.testing.assert_allclose(factor[0], [0.6 * 2, 0.9 * 3, 0.55 * 2, 0.2 * 3], rtol=1e-6)
+
+
+def test_renormalized_by_hand():
+  # Weights that do not sum to 1 (routed_scaling): survivors are scaled to the original sum.
+  w = jnp.asarray([[[1.2, 0.3], [0.5, 0.5], [0.4, 0.6]]])
+  kept = jnp.asarray([[[False, True], [False, False], [True, True]]])
+  np.testing.assert_allclose(dispatch.renormalized(w, kept)[0],
+                             [[0.0, 1.5], [0.0, 0.0], [0.4, 0.6]], rtol=1e-6)

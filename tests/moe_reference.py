@@ -92,7 +92,7 @@ def reference_moe(x_BxLxD: jax.Array, w_router_DxE: jax.Array, wg_ExDxF: jax.Arr
 # Every router, drop policy, renormalization and shared experts (moe_routing_test.py and
 # ---------------------------------------------------------------------------------------
 # Every router, both drop policies, renormalization after drops, shared experts and expert
-# choice (moe_routing_test.py, moe_capacity_test.py). Still token by token; the discrete
+# choice (moe_routing_test.py, moe_layer_test.py). Still token by token; the discrete
 # choices are made with a stable sort (ties: the lower expert id, as lax.top_k).
 
 
@@ -499,7 +499,7 @@ def compare_with_reference(moe_cfg, w: dict, x, ct, tokens=None, *, capacity: in
   return y, s, choices
 
 
-# Edge cases (moe_routing_test.py runs them dropless, moe_capacity_test.py with drops):
+# Edge cases (moe_routing_test.py runs them dropless, moe_layer_test.py with drops):
 #   few_tokens: 3 tokens, E=8, K=2: 6 assignments for 8 experts; capacity 1.
 #   one_expert: every token's first choice is one expert; capacity 4 of its 8 per sequence.
 #   k_equals_e: K = E = 4; capacity 4 of 8 tokens per expert.

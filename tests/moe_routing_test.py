@@ -2,7 +2,7 @@
 
 Each router x dispatch path is compared with the token-by-token reference, output and
 gradients (x and every weight) at 1e-5; then the routers' own properties (group-limited
-choice by hand, hash consistency, determinism, jitter, shared experts).
+choice by hand, hash consistency, determinism, jitter). Shared experts: moe_layer_test.py.
 """
 
 import dataclasses
@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 from moe_reference import (
   EDGE_ROUTERS,
-  D,
   build_block,
   compare_with_reference,
   infer_uniform_choices,
@@ -25,7 +24,6 @@ from moe_reference import (
   run_block,
   run_edge_case,
   small_cfgs,
-  swiglu_numpy,
 )
 
 from moex.config import MoEConfig
@@ -109,7 +107,7 @@ def test_expert_choice_matches_reference_with_grads(cf, c):
 
 
 # Edge cases (moe_reference.EDGE_CASES) on the case's dropless backend, each router in one
-# case at least; moe_capacity_test.py runs every router of every case with drops.
+# case at least; moe_layer_test.py runs every router of every case with drops.
 # (topk_softmax runs these three dropless in moe_layer_test.py.)
 DROPLESS_EDGE_GRID = [("few_tokens", "sigmoid_bias"), ("few_tokens", "random"),
                       ("one_expert", "switch"), ("one_expert", "hash"),
@@ -260,31 +258,3 @@ def test_jitter_in_training_only():
   for (y_a, _, _), (y_b, _, _) in zip(runs, runs[1:]):
     assert np.max(np.abs(np.asarray(y_a) - np.asarray(y_b))) > 1e-3
   assert any(not np.array_equal(s["expert_load"], s_plain["expert_load"]) for _, s, _ in runs)
-
-
-@pytest.mark.parametrize("router,path", [("topk_softmax", ("capacity", "auto")),
-                                         ("sigmoid_bias", ("dropless", "chunked"))])
-def test_shared_experts_add_a_swiglu(router, path):
-  # 2 shared experts of width 8: one SwiGLU of width 16 on every token.
-  b, l, e = 2, 8, 4
-  moe = small_cfgs(router=router, num_shared_experts=2, d_shared=8, dispatch=path[0],
-                   grouped_matmul=path[1], capacity_factor=float(e))[1]
-  w = random_weights(e, seed=13, shared_width=16)
-  x, ct = random_x(b, l, seed=14), random_x(b, l, seed=15)
-  bias = random_bias(e) if router == "sigmoid_bias" else None
-  y, _, _ = compare_with_reference(moe, w, x, ct, None, capacity=None, bias_E=bias)
-  # The same routed block without shared experts: the difference is the SwiGLU.
-  routed = run_block(build_block(dataclasses.replace(moe, num_shared_experts=0),
-                                 dict(w, shared=None), bias), x, train=True)[0]
-  np.testing.assert_allclose(np.asarray(y) - np.asarray(routed), swiglu_numpy(x, *w["shared"]),
-                             **TOL)
-
-
-def test_shared_expert_width():
-  from moex.moe.layer import MoEBlock  # pylint: disable=g-import-not-at-top
-
-  model_cfg, moe = small_cfgs(num_shared_experts=3, d_shared=0)
-  widths = lambda m: nnx.eval_shape(lambda: MoEBlock(model_cfg, m, nnx.Rngs(0)))
-  assert widths(moe).shared.gate_DxF.shape == (D, 3 * moe.d_expert)  # d_shared=0: d_expert
-  assert widths(dataclasses.replace(moe, d_shared=8)).shared.down_FxD.shape == (24, D)
-  assert widths(dataclasses.replace(moe, num_shared_experts=0)).shared is None
