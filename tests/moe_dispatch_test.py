@@ -6,6 +6,8 @@ against the capacity path that drops nothing. Survivors and factors are written 
 literally.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,11 +29,32 @@ SLOT_SxK = [[0, 1], [1, 2], [2, 3], [0, 3]]
 KEPT_SxK = [[True, True], [True, False], [False, False], [True, False]]
 SCALE_E = np.array([2.0, 3.0], np.float32)  # The hand experts: expert e multiplies by it.
 
+def _plan(path: str, capacity: int | None = None, policy: str = "position",
+          renormalize: bool = False) -> dispatch.Plan:
+  """A plan by hand: only what the paths read is meaningful."""
+  return dispatch.Plan(path=path, capacity_factor=None, capacity=capacity,
+                       tokens_per_group=0, num_experts=0, top_k=0, min_capacity=0,
+                       train_capacity_factor=1.0, train_capacity=0, priority=policy,
+                       renormalize=renormalize)
+
+
+def _grouped(fn):
+  """A grouped-experts callback that computes every row (as on one device)."""
+  return lambda rows_MxD, sizes_E: (fn(rows_MxD, sizes_E), jnp.ones(rows_MxD.shape[:1], bool))
+
+
 # Jitted once per shape: eager dispatch compiles each of its many small ops separately.
-# (x, routing, capacity, experts, priority, renormalize): capacity, experts, renormalize static.
-capacity_dispatch = jax.jit(dispatch.capacity_dispatch, static_argnums=(2, 3, 5),
-                            **JIT_OPTIONS)
-dropless_dispatch = jax.jit(dispatch.dropless_dispatch, static_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5), **JIT_OPTIONS)
+def capacity_dispatch(x, r, capacity, buffered, policy="position", renormalize=False):
+  experts = dispatch.Experts(buffered=buffered, grouped=None)
+  return dispatch.capacity_dispatch(x, r, _plan("capacity", capacity, policy, renormalize),
+                                    experts)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def dropless_dispatch(x, r, grouped):
+  return dispatch.dropless_dispatch(x, r, _plan("dropless"),
+                                    dispatch.Experts(buffered=None, grouped=_grouped(grouped)))
 
 
 def _routing(expert_GxSxK, weight_GxSxK, num_experts: int) -> routing.Routing:
@@ -91,7 +114,8 @@ def test_capacity_dispatch_buffers_by_hand():
       seen["buf"] = buf_ExRxD
       return buf_ExRxD
 
-    _, kept = dispatch.capacity_dispatch(x, r, 2, experts)
+    _, kept = dispatch.capacity_dispatch(x, r, _plan("capacity", 2),
+                                         dispatch.Experts(experts, None))
     return kept, seen["buf"]
 
   kept, buf = run(x)
@@ -151,7 +175,8 @@ def test_dropless_sorted_rows_and_group_sizes():
       return rows_MxD * jnp.repeat(jnp.asarray([2.0, 3.0, 5.0]), sizes_E,
                                    total_repeat_length=rows_MxD.shape[0])[:, None]
 
-    y, kept = dispatch.dropless_dispatch(x, r, experts)
+    y, kept = dispatch.dropless_dispatch(x, r, _plan("dropless"),
+                                         dispatch.Experts(None, _grouped(experts)))
     return y, kept, seen["rows"], seen["sizes"]
 
   y, kept, rows, sizes = run(x)
@@ -201,8 +226,7 @@ def _hand_dispatch(expert, weight, capacity, policy, renormalize=False):
   r = _routing(expert, weight, 3)
   g, s, _ = r.expert_index_GxSxK.shape
   x = jnp.ones((g, s, 2), jnp.float32)
-  priority = r.combine_weight_GxSxK if policy == "probability" else None
-  y, kept = capacity_dispatch(x, r, capacity, _hand_experts, priority, renormalize)
+  y, kept = capacity_dispatch(x, r, capacity, _hand_experts, policy, renormalize)
   np.testing.assert_allclose(y[..., 0], y[..., 1])
   return np.asarray(y[..., 0]), np.asarray(kept)
 

@@ -33,7 +33,7 @@ from moe_reference import (
 
 from experiments import tiny
 from moex import config
-from moex.moe import gmm, stats
+from moex.moe import dispatch, gmm, stats
 from moex.moe.layer import MoEBlock
 
 nnx.use_eager_sharding(False)
@@ -77,7 +77,9 @@ def _block(moe_cfg: config.MoEConfig, weights) -> MoEBlock:
 
 
 def _block_apply(graphdef, state, x, train):
-  return nnx.merge(graphdef, state)(x, train=train)
+  """(y, stats): the block's output and its MoEOutput's statistics."""
+  y, out = nnx.merge(graphdef, state)(x, train=train)
+  return y, out.stats
 
 
 def _block_loss(graphdef, state, x, ct, train):
@@ -278,6 +280,11 @@ def test_top_k_equals_num_experts(path, cf):
   _check_stats(s, b=b, l=l, e=e, k=e, capacity=capacity, dropless=capacity is None)
 
 
+def _path(block: MoEBlock, train: bool, l: int) -> tuple[str, float | None]:
+  plan = block.plan(train, l)
+  return plan.path, plan.capacity_factor
+
+
 def test_train_capacity_eval_dropless():
   # Training drops (cf=0.5); eval_capacity_factor=0 makes evaluation dropless.
   b, l, e, k = 2, 8, 4, 2
@@ -287,8 +294,8 @@ def test_train_capacity_eval_dropless():
   weights = _weights(e, seed=7)
   block = _block(moe, weights)
   x = _x(b, l, seed=12)
-  assert block.dispatch_mode(True) == ("capacity", 0.5)
-  assert block.dispatch_mode(False) == ("dropless", None)
+  assert _path(block, True, l) == ("capacity", 0.5)
+  assert _path(block, False, l) == ("dropless", None)
   y_train, s_train, _ = _run(block, x, train=True)
   y_eval, s_eval, _ = _run(block, x, train=False)
   y_ref_train, kept_ref, _ = _reference(x, weights, k, 2)
@@ -313,7 +320,7 @@ def test_dropless_train_eval_capacity_factor():
   weights = _weights(e, seed=8)
   block = _block(moe, weights)
   x = _x(b, l, seed=13)
-  assert block.dispatch_mode(False) == ("capacity", 0.25)
+  assert _path(block, False, l) == ("capacity", 0.25)
   c_eval = moe.capacity(l, 0.25)
   assert c_eval == 1
   y_eval, s_eval, _ = _run(block, x, train=False)
@@ -322,7 +329,7 @@ def test_dropless_train_eval_capacity_factor():
   _, kept = _reference_counts(weights, x, k, kept_ref)
   np.testing.assert_array_equal(s_eval["expert_kept"], kept)
   _check_stats(s_eval, b=b, l=l, e=e, k=k, capacity=c_eval, dropless=False)
-  assert block.dispatch_mode(True) == ("dropless", None)
+  assert _path(block, True, l) == ("dropless", None)
   y_train, s_train, _ = _run(block, x, train=True)
   _assert_close(y_train, _reference(x, weights, k, None)[0])
   np.testing.assert_array_equal(s_train["expert_kept"], s_train["expert_load"])
@@ -405,12 +412,10 @@ def test_edge_cases_with_drops_match_reference_with_grads(case, router):
   run_edge_case(case, router, "capacity")
 
 
-def _records(s, split: str, moe: config.MoEConfig, l: int, dispatch_name: str, cf):
+def _records(s, split: str, moe: config.MoEConfig, l: int):
   host = jax.tree.map(lambda a: np.asarray(a)[None], s)  # one MoE layer
-  return stats.records(host, step=0, split=split, layers=(0,), top_k=moe.top_k,
-                       dispatch=dispatch_name, capacity=moe.capacity(l, cf) if cf else None,
-                       capacity_factor=cf, train_capacity=moe.capacity(l, moe.capacity_factor),
-                       train_capacity_factor=moe.capacity_factor, tokens_per_group=l)[0]
+  plan = dispatch.plan(moe, split == "train", l)
+  return stats.records(host, step=0, split=split, layers=(0,), plan=plan)[0]
 
 
 def test_train_capacity_eval_dropless_and_eval_stats():
@@ -425,8 +430,10 @@ def test_train_capacity_eval_dropless_and_eval_stats():
   np.testing.assert_array_equal(s_eval["expert_kept"], s_eval["expert_load"])
   # Eval statistics still say what the training capacity would have dropped.
   np.testing.assert_array_equal(s_eval["train_capacity_kept"], s_train["expert_kept"])
-  rec_train = _records(s_train, "train", moe, l, "capacity", 0.5)
-  rec_eval = _records(s_eval, "eval", moe, l, "dropless", None)
+  rec_train = _records(s_train, "train", moe, l)
+  rec_eval = _records(s_eval, "eval", moe, l)
+  assert (rec_train["dispatch"], rec_train["capacity_factor"]) == ("capacity", 0.5)
+  assert (rec_eval["dispatch"], rec_eval["capacity_factor"]) == ("dropless", None)
   assert rec_eval["dropped_fraction"] == 0.0 and rec_eval["capacity"] is None
   assert rec_train["dropped_fraction"] > 0
   assert rec_eval["train_capacity_dropped_fraction"] == pytest.approx(
@@ -456,6 +463,10 @@ def test_expert_choice_eval_capacity(eval_cf, c_eval):
   x = random_x(b, l, seed=32)
   _, s, _ = compare_with_reference(moe, w, x, None, capacity=c_eval, train=False)
   np.testing.assert_array_equal(s["expert_load"], [b * c_eval] * e)
+  # The eval lines say what ran: the capacity-bound expert-choice path, not "dropless".
+  rec = _records(s, "eval", moe, l)
+  assert (rec["dispatch"], rec["capacity"]) == ("expert_choice", c_eval)
+  assert rec["capacity_factor"] == (eval_cf or 1.0)
 
 
 @pytest.mark.parametrize("router", ["topk_softmax", "softmax_topk", "sigmoid_bias", "hash",

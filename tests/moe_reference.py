@@ -377,7 +377,9 @@ def build_block(moe_cfg, w: dict, bias_E=None):
 
 
 def _block_apply(graphdef, state, x, tokens, rng, train):
-  return nnx.merge(graphdef, state)(x, train=train, tokens_BxL=tokens, rng=rng)
+  """(y, stats): the block's output and its MoEOutput's statistics."""
+  y, out = nnx.merge(graphdef, state)(x, train=train, tokens_BxL=tokens, rng=rng)
+  return y, out.stats
 
 
 def _block_loss(graphdef, state, x, ct, tokens, rng, train):

@@ -1,4 +1,6 @@
-"""Tests for moex/moe/stats.py on hand-built counts."""
+"""Tests for moex/moe/stats.py on hand-built routings and counts."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moex.moe import stats
+from moex.moe import dispatch, routing, stats
 
 nnx.use_eager_sharding(False)
 
@@ -18,11 +20,40 @@ LOAD_STEP1_GxE = [[5, 1, 2, 0], [2, 2, 2, 2]]
 LOAD_STEP2_GxE = [[1, 1, 6, 0], [3, 1, 2, 2]]
 
 
+# The training plan of these tests: capacity TRAIN_C at factor 1.5.
+PLAN = dispatch.Plan(path="capacity", capacity_factor=1.5, capacity=TRAIN_C,
+                     tokens_per_group=L, num_experts=E, top_k=K, min_capacity=0,
+                     train_capacity_factor=1.5, train_capacity=TRAIN_C)
+DROPLESS = dataclasses.replace(PLAN, path="dropless", capacity_factor=None, capacity=None)
+
+
+def _routing(expert_GxSxK, probs_GxSxE=None) -> routing.Routing:
+  index = jnp.asarray(expert_GxSxK, jnp.int32)
+  g, s, k = index.shape
+  if probs_GxSxE is None:
+    probs_GxSxE = jnp.full((g, s, E), 1.0 / E, jnp.float32)
+  probs_GxSxE = jnp.asarray(probs_GxSxE, jnp.float32)
+  return routing.Routing(index, jnp.full((g, s, k), 1.0 / k, jnp.float32), probs_GxSxE,
+                         jnp.log(probs_GxSxE))
+
+
+def _routing_with_load(load_GxE) -> routing.Routing:
+  """A routing whose per-group loads are `load_GxE` (each row sums to L * K)."""
+  index_GxM = [np.repeat(np.arange(E), row) for row in load_GxE]
+  return _routing(np.asarray(index_GxM).reshape(len(load_GxE), L, K))
+
+
 def _step(load_GxE, capacity, entropy_sum, lb, z):
-  load = jnp.asarray(load_GxE, jnp.int32)
-  kept_E = jnp.sum(jnp.minimum(load, capacity), axis=0) if capacity else jnp.sum(load, 0)
-  return stats.layer_stats(load, kept_E, TRAIN_C, jnp.float32(entropy_sum), jnp.float32(lb),
-                           jnp.float32(z))
+  """One step's stats for these loads, dropped beyond `capacity` (None: dropless); the
+  balancing terms set by hand, so the records' host arithmetic is checked on known values."""
+  r = _routing_with_load(load_GxE)
+  if capacity:
+    kept_GxSxK = dispatch.capacity_positions(r.expert_index_GxSxK, E) < capacity
+  else:
+    kept_GxSxK = jnp.ones(r.expert_index_GxSxK.shape, bool)
+  s = stats.layer_stats(r, kept_GxSxK, PLAN if capacity else DROPLESS)
+  return dict(s, entropy_sum=jnp.float32(entropy_sum), load_balance_loss=jnp.float32(lb),
+              z_loss=jnp.float32(z))
 
 
 def _stack(*per_layer):
@@ -30,11 +61,39 @@ def _stack(*per_layer):
 
 
 def _records(window, **kw):
-  args = dict(step=10, split="train", layers=(1,), top_k=K, dispatch="capacity",
-              capacity=TRAIN_C, capacity_factor=1.5, train_capacity=TRAIN_C,
-              train_capacity_factor=1.5, tokens_per_group=L)
+  args = dict(step=10, split="train", layers=(1,), plan=PLAN)
   args.update(kw)
   return stats.records(window, **args)
+
+
+def test_layer_stats_balancing_terms_match_balancing_formulas():
+  # The loss reads its balancing terms from layer_stats: they are balancing.py's formulas.
+  from moex.moe import balancing  # pylint: disable=g-import-not-at-top
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(0), (2, L, E)), axis=-1)
+  r = _routing(jnp.argsort(-probs, axis=-1)[..., :K], probs)
+  s = stats.layer_stats(r, jnp.ones(r.expert_index_GxSxK.shape, bool), PLAN)
+  load_GxE = balancing.routed_load(r)
+  assert float(s["load_balance_loss"]) == pytest.approx(
+      float(balancing.load_balance_loss(r, load_GxE.sum(0))))
+  assert float(s["seq_load_balance_loss"]) == pytest.approx(
+      float(balancing.sequence_load_balance_loss(r, load_GxE)))
+  assert float(s["z_loss"]) == pytest.approx(float(balancing.z_loss(r)))
+  assert float(s["entropy_sum"]) == pytest.approx(float(balancing.router_entropy_sum(r)))
+  np.testing.assert_array_equal(s["expert_load"], load_GxE.sum(0))
+
+
+def test_layer_stats_kept_and_overflow_follow_dispatch_kept():
+  # Whatever dispatch did not keep is dropped; on the dropless path that can only be the
+  # bounded expert-parallel buffer, so it is also ep_overflow.
+  r = _routing_with_load(LOAD_STEP1_GxE)
+  kept_GxSxK = np.ones(r.expert_index_GxSxK.shape, bool)
+  kept_GxSxK[0, 0, 0] = kept_GxSxK[1, 3, 1] = False  # experts 0 and 3
+  s = stats.layer_stats(r, jnp.asarray(kept_GxSxK), DROPLESS)
+  np.testing.assert_array_equal(s["expert_kept"], [6, 3, 4, 1])
+  np.testing.assert_array_equal(s["ep_overflow"], [1, 0, 0, 1])
+  s = stats.layer_stats(r, jnp.asarray(kept_GxSxK), PLAN)
+  np.testing.assert_array_equal(s["expert_kept"], [6, 3, 4, 1])
+  np.testing.assert_array_equal(s["ep_overflow"], [0, 0, 0, 0])
 
 
 def test_layer_stats_counts():
@@ -87,11 +146,13 @@ def test_records_dropless_and_several_layers():
   # Layer 0 dropless (kept = load); layer 2 ran with capacity. Eval split, no capacity.
   dropless = _step(LOAD_STEP1_GxE, None, 8.0, 1.0, 1.0)
   capped = _step(LOAD_STEP2_GxE, TRAIN_C, 2.0, 1.0, 1.0)
-  recs = _records(_stack(dropless, capped), split="eval", layers=(0, 2), dispatch="dropless",
-                  capacity=None, capacity_factor=None)
+  recs = _records(_stack(dropless, capped), split="eval", layers=(0, 2), plan=DROPLESS)
   assert [r["layer"] for r in recs] == [0, 2]
   r0, r2 = recs
   assert r0["split"] == "eval" and r0["capacity"] is None and r0["capacity_factor"] is None
+  assert r0["dispatch"] == "dropless"
+  # What the report needs to recompute the capacity at any factor (moex.config.capacity).
+  assert (r0["tokens_per_group"], r0["min_capacity"], r0["top_k"]) == (L, 0, K)
   assert r0["expert_kept"] == r0["expert_load"] == [7, 3, 4, 2]
   assert r0["dropped_fraction"] == 0.0
   # What training (C=3) would have dropped on these tokens.
@@ -114,7 +175,8 @@ def test_topk_margin_and_cooccurrence_on_a_hand_built_routing():
   # 3 tokens, E=4, K=2. Probabilities sorted per token: gaps p(2) - p(3) = .2, .1, 0.
   probs = jnp.array([[[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.25, 0.25, 0.25, 0.25]]])
   index = jnp.array([[[0, 1], [0, 2], [0, 3]]], jnp.int32)
-  s = stats.routing_shape_stats(index, probs)
+  s = stats.layer_stats(_routing(index, probs), jnp.ones(index.shape, bool),
+                        dataclasses.replace(DROPLESS, tokens_per_group=3))
   assert float(s["topk_margin_sum"]) == pytest.approx(0.2 + 0.3 + 0.0)
   co = np.asarray(s["cooccurrence"])
   assert co[0, 1] == co[0, 2] == co[0, 3] == 1 and co[1, 2] == 0

@@ -8,7 +8,7 @@ from flax import nnx
 
 from moex.config import ModelConfig, MoEConfig
 from moex.model.layers import Attention, Embed, RMSNorm, SwiGLU, normal, param
-from moex.moe.layer import MoEBlock
+from moex.moe.layer import MoEBlock, MoEOutput
 
 
 class Block(nnx.Module):
@@ -25,18 +25,19 @@ class Block(nnx.Module):
       self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg, rngs)
 
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array,
-               rng: jax.Array | None) -> tuple[jax.Array, dict | None]:
+               rng: jax.Array | None) -> tuple[jax.Array, MoEOutput | None]:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      y_BxLxD, stats = self.ffn(h_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=rng)
+      y_BxLxD, moe = self.ffn(h_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=rng)
     else:
-      y_BxLxD, stats = self.ffn(h_BxLxD), None
-    return x_BxLxD + y_BxLxD, stats
+      y_BxLxD, moe = self.ffn(h_BxLxD), None
+    return x_BxLxD + y_BxLxD, moe
 
 
 class Decoder(nnx.Module):
-  """Decoder-only transformer; returns float32 logits [B, L, V] and stacked MoE stats."""
+  """Decoder-only transformer; returns float32 logits [B, L, V] and the MoE blocks'
+  MoEOutput stacked over MoE layers (leading axis N; None for a dense model)."""
 
   def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs):
     self.embed = Embed(cfg, rngs)
@@ -50,10 +51,10 @@ class Decoder(nnx.Module):
                              jnp.dtype(cfg.param_dtype), ("embed", "vocab"))
 
   def __call__(self, tokens_BxL: jax.Array, *, train: bool,
-               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               rng: jax.Array | None = None) -> tuple[jax.Array, MoEOutput | None]:
     """`rng` drives router noise in training; None at eval (routing is then deterministic)."""
     x_BxLxD = self.embed(tokens_BxL)
-    moe_stats = []
+    moe_outputs = []
     def run_block(block, x_BxLxD, layer_rng):
       return block(x_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=layer_rng)
 
@@ -63,11 +64,11 @@ class Decoder(nnx.Module):
       run_block = nnx.remat(run_block, policy=policy)
     for i in range(self.num_layers):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x_BxLxD, stats = run_block(getattr(self, f"block_{i}"), x_BxLxD, layer_rng)
-      if stats is not None:
-        moe_stats.append(stats)
+      x_BxLxD, moe = run_block(getattr(self, f"block_{i}"), x_BxLxD, layer_rng)
+      if moe is not None:
+        moe_outputs.append(moe)
     x_BxLxD = self.final_norm(x_BxLxD)
     logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD,
                               self.unembed_DxV[...].astype(x_BxLxD.dtype))
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_stats) if moe_stats else {}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_outputs) if moe_outputs else None
     return logits_BxLxV.astype(jnp.float32), stacked

@@ -28,6 +28,15 @@ def expert_counts(expert_index_GxSxK: jax.Array, num_experts: int) -> jax.Array:
   return jax.vmap(lambda i: jnp.bincount(i, length=num_experts))(flat_GxSK).astype(jnp.int32)
 
 
+def routed_load(routing: Routing) -> jax.Array:
+  """Assignments routed to each expert in each group, before dropping: [G, E] int32 (for
+  expert choice every expert fills its C slots)."""
+  g, _, e = routing.probs_GxSxE.shape
+  if routing.expert_choice:
+    return jnp.full((g, e), routing.token_GxExC.shape[-1], jnp.int32)
+  return expert_counts(routing.expert_index_GxSxK, e)
+
+
 def _tokens(routing: Routing) -> jax.Array:
   return jnp.asarray(routing.probs_GxSxE.shape[0] * routing.probs_GxSxE.shape[1], jnp.float32)
 

@@ -1,36 +1,93 @@
 """Dispatch: move token rows to expert buffers, run the experts, combine the results.
 
-Token-choice paths take tokens [G, S, D] and a Routing and return (output [G, S, D],
-kept [G, S, K]). They move rows with `permute.take_rows` (index gathers whose backward is
-a gather too), never with one-hot dispatch einsums, which cost as much as the experts.
+Every path is an entry of PATHS with one signature,
+
+  path(x [G, S, D], routing, plan, experts) -> (output [G, S, D], kept [G, S, K]),
+
+chosen by the layer's `Plan` (decided once per layer call by `plan()` from the MoE config,
+train/eval and the sequence length; the same plan labels the statistics). `experts` is an
+`Experts` pair of callbacks: what runs on the expert buffers. Expert parallelism
+(moex/moe/parallel.py) supplies callbacks with all-to-alls around the experts, so no path
+here knows about devices. Rows move with `permute.take_rows` (index gathers whose backward
+is a gather too), never with one-hot dispatch einsums, which cost as much as the experts.
 
 - capacity: each expert takes at most C assignments per group (sequence). All first
   choices are placed before any second choice; within a choice, by position (earlier
   tokens win) or by probability (batch-prioritized routing: higher weight wins). A dropped
-  assignment contributes zero; the survivors keep their weights unless `renormalize`
-  rescales them to the token's original total. A token whose every choice is dropped gets
-  zero from this block and passes through on the residual.
+  assignment contributes zero; the survivors keep their weights unless the plan says
+  `renormalize` (rescale them to the token's original total). A token whose every choice
+  is dropped gets zero from this block and passes through on the residual.
 - dropless: every assignment is computed: rows sorted by expert, then a grouped matmul.
-- expert choice: each expert takes its top-C tokens per group (routing.expert_choice_indices).
+- expert_choice: each expert takes its top-C tokens per group (routing.expert_choice); K is
+  0 in the routing, so `kept` is [G, S, 0].
 
-The expert computation is a callback, so the expert-parallel wrapper can put all-to-alls
-around it without touching this file.
+To add a path: write `def my_dispatch(x_GxSxD, routing, plan, experts)` here, add it to
+PATHS, and make `plan()` choose it (see WORKSPACE.md "Adding a dispatch path").
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from moex.config import MoEConfig
 from moex.moe import permute
 from moex.moe.routing import Routing
 
-# [E, R, D] -> [E, R, D]: every expert applied to its own R buffer rows.
-BufferedExperts = Callable[[jax.Array], jax.Array]
-# ([M, D] rows sorted by expert, [E] group sizes) -> [M, D].
-GroupedExperts = Callable[[jax.Array, jax.Array], jax.Array]
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How one MoE layer call dispatches, and what its statistics are labelled with."""
+
+  path: str  # a PATHS key
+  capacity_factor: float | None  # None: dropless
+  capacity: int | None  # rows per expert and group (sequence); None: dropless
+  tokens_per_group: int  # S: a group is one sequence
+  num_experts: int
+  top_k: int
+  min_capacity: int
+  train_capacity_factor: float  # training's factor, for "what would training drop here"
+  train_capacity: int
+  priority: str = "position"  # capacity path: "position" or "probability" (moe.drop_policy)
+  renormalize: bool = False  # capacity path: survivors keep the token's total weight
+
+
+def plan(cfg: MoEConfig, train: bool, tokens_per_group: int) -> Plan:
+  """The one place that decides the path and capacity of a layer call.
+
+  Training uses moe.dispatch with moe.capacity_factor; evaluation is dropless unless
+  moe.eval_capacity_factor > 0. Expert choice is always capacity-bound (evaluation uses
+  eval_capacity_factor when set, else the training factor).
+  """
+  if cfg.router == "expert_choice":
+    path = "expert_choice"
+    cf = cfg.capacity_factor if train else (cfg.eval_capacity_factor or cfg.capacity_factor)
+  elif train:
+    path = cfg.dispatch
+    cf = cfg.capacity_factor if path == "capacity" else None
+  else:
+    cf = cfg.eval_capacity_factor if cfg.eval_capacity_factor > 0 else None
+    path = "capacity" if cf else "dropless"
+  return Plan(path=path, capacity_factor=cf,
+              capacity=None if cf is None else cfg.capacity(tokens_per_group, cf),
+              tokens_per_group=tokens_per_group, num_experts=cfg.num_experts,
+              top_k=cfg.top_k, min_capacity=cfg.min_capacity,
+              train_capacity_factor=cfg.capacity_factor,
+              train_capacity=cfg.capacity(tokens_per_group, cfg.capacity_factor),
+              priority=cfg.drop_policy, renormalize=cfg.renormalize_after_drop)
+
+
+class Experts(NamedTuple):
+  """What runs on the expert buffers (moex/moe/parallel.py builds these)."""
+
+  # [E, R, D] -> [E, R, D]: every expert applied to its own R buffer rows.
+  buffered: Callable[[jax.Array], jax.Array]
+  # (rows [M, D] sorted by expert, group sizes [E]) -> (out [M, D], kept [M]): kept is False
+  # for rows that were not computed (the bounded expert-parallel buffer overflowed).
+  grouped: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def capacity_positions(expert_index_GxSxK: jax.Array, num_experts: int,
@@ -54,6 +111,32 @@ def capacity_positions(expert_index_GxSxK: jax.Array, num_experts: int,
   return slot_GxKxS.transpose(0, 2, 1)
 
 
+class BufferRows(NamedTuple):
+  """Maps between assignments and the rows of fixed buffers [buckets, G, C] (flattened)."""
+
+  row_TK: jax.Array  # each assignment's buffer row; R (nowhere) when dropped
+  assignment_R: jax.Array  # each buffer row's assignment t*K + k; T*K when the row is empty
+  token_R: jax.Array  # each buffer row's token; T when empty
+  kept_GxSxK: jax.Array  # whether the assignment found a slot
+
+
+def buffer_rows(bucket_GxSxK: jax.Array, slot_GxSxK: jax.Array, num_buckets: int,
+                capacity: int) -> BufferRows:
+  """Rows ordered (bucket, group, slot): buckets are experts (capacity path) or
+  expert-parallel ranks (moex/moe/parallel.py); slots >= capacity are dropped."""
+  g, s, k = bucket_GxSxK.shape
+  t, c = g * s, capacity
+  rows = num_buckets * g * c
+  kept_GxSxK = slot_GxSxK < c
+  group_GxSxK = jnp.arange(g, dtype=jnp.int32)[:, None, None]
+  row_TK = jnp.where(kept_GxSxK, bucket_GxSxK * (g * c) + group_GxSxK * c + slot_GxSxK,
+                     rows).reshape(t * k).astype(jnp.int32)
+  assignment_R = jnp.full((rows + 1,), t * k, jnp.int32).at[row_TK].set(
+      jnp.arange(t * k, dtype=jnp.int32), unique_indices=False)[:rows]
+  token_R = jnp.where(assignment_R < t * k, assignment_R // k, t)
+  return BufferRows(row_TK, assignment_R, token_R, kept_GxSxK)
+
+
 def _combine(y_TxKxD: jax.Array, weight_TxK: jax.Array) -> jax.Array:
   return jnp.einsum("tkd,tk->td", y_TxKxD, weight_TxK.astype(y_TxKxD.dtype))
 
@@ -65,42 +148,30 @@ def renormalized(weight_GxSxK: jax.Array, kept_GxSxK: jax.Array) -> jax.Array:
   return kept_w * jnp.where(kept_total > 0, total / jnp.maximum(kept_total, 1e-30), 0.0)
 
 
-def capacity_dispatch(x_GxSxD: jax.Array, routing: Routing, capacity: int,
-                      experts: BufferedExperts, priority_GxSxK: jax.Array | None = None,
-                      renormalize: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Fixed buffers of `capacity` rows per expert and group; overflow is dropped."""
+def capacity_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
+                      experts: Experts) -> tuple[jax.Array, jax.Array]:
+  """Fixed buffers of plan.capacity rows per expert and group; overflow is dropped."""
   g, s, d = x_GxSxD.shape
   k = routing.expert_index_GxSxK.shape[-1]
   e = routing.probs_GxSxE.shape[-1]
-  c = capacity
-  t, rows = g * s, e * g * c
-  expert_GxSxK = routing.expert_index_GxSxK
-  slot_GxSxK = capacity_positions(expert_GxSxK, e, priority_GxSxK)
-  kept_GxSxK = slot_GxSxK < c
-  # Buffer rows are ordered (expert, group, slot) so experts see [E, G*C, D] directly;
-  # `rows` is the "nowhere" index of dropped assignments.
-  group_GxSxK = jnp.arange(g, dtype=jnp.int32)[:, None, None]
-  row_TK = jnp.where(kept_GxSxK, expert_GxSxK * (g * c) + group_GxSxK * c + slot_GxSxK,
-                     rows).reshape(t * k).astype(jnp.int32)
-  # For each buffer row, the assignment (t*K + k) that fills it, or T*K when empty.
-  assignment_R = jnp.full((rows + 1,), t * k, jnp.int32).at[row_TK].set(
-      jnp.arange(t * k, dtype=jnp.int32), unique_indices=False)[:rows]
-  token_R = jnp.where(assignment_R < t * k, assignment_R // k, t)
-
-  x_TxD = x_GxSxD.reshape(t, d)
-  buf_RxD = permute.take_rows(x_TxD, token_R, row_TK.reshape(t, k))
-  out_RxD = experts(buf_RxD.reshape(e, g * c, d)).reshape(rows, d)
-  y_TKxD = permute.take_rows(out_RxD, row_TK, assignment_R[:, None])
-
-  weight_GxSxK = (renormalized(routing.combine_weight_GxSxK, kept_GxSxK) if renormalize
-                  else jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0))
+  t, c = g * s, plan.capacity
+  priority_GxSxK = routing.combine_weight_GxSxK if plan.priority == "probability" else None
+  slot_GxSxK = capacity_positions(routing.expert_index_GxSxK, e, priority_GxSxK)
+  b = buffer_rows(routing.expert_index_GxSxK, slot_GxSxK, e, c)
+  buf_RxD = permute.take_rows(x_GxSxD.reshape(t, d), b.token_R, b.row_TK.reshape(t, k))
+  out_RxD = experts.buffered(buf_RxD.reshape(e, g * c, d)).reshape(e * g * c, d)
+  y_TKxD = permute.take_rows(out_RxD, b.row_TK, b.assignment_R[:, None])
+  weight_GxSxK = (renormalized(routing.combine_weight_GxSxK, b.kept_GxSxK) if plan.renormalize
+                  else jnp.where(b.kept_GxSxK, routing.combine_weight_GxSxK, 0.0))
   y_TxD = _combine(y_TKxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
-  return y_TxD.reshape(g, s, d), kept_GxSxK
+  return y_TxD.reshape(g, s, d), b.kept_GxSxK
 
 
-def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing,
-                      experts: GroupedExperts) -> tuple[jax.Array, jax.Array]:
-  """Sorts the T*K assignments by expert and runs one grouped matmul; nothing dropped."""
+def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
+                      experts: Experts) -> tuple[jax.Array, jax.Array]:
+  """Sorts the T*K assignments by expert and runs one grouped matmul; nothing dropped
+  (unless the experts callback bounds its buffers and reports rows it did not compute)."""
+  del plan
   g, s, d = x_GxSxD.shape
   k = routing.expert_index_GxSxK.shape[-1]
   e = routing.probs_GxSxE.shape[-1]
@@ -109,17 +180,21 @@ def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing,
   order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)  # sorted pos -> assignment
   inverse_M = jnp.argsort(order_M).astype(jnp.int32)  # assignment -> sorted pos
   rows_MxD = permute.take_rows(x_GxSxD.reshape(t, d), order_M // k, inverse_M.reshape(t, k))
-  group_sizes_E = jnp.bincount(expert_M, length=e).astype(jnp.int32)
-  out_MxD = experts(rows_MxD, group_sizes_E)
+  sizes_E = jnp.bincount(expert_M, length=e).astype(jnp.int32)
+  out_MxD, kept_M = experts.grouped(rows_MxD, sizes_E)
   y_TKxD = permute.take_rows(out_MxD, inverse_M, order_M[:, None])
-  y_TxD = _combine(y_TKxD.reshape(t, k, d), routing.combine_weight_GxSxK.reshape(t, k))
-  return y_TxD.reshape(g, s, d), jnp.ones(routing.expert_index_GxSxK.shape, bool)
+  kept_GxSxK = kept_M[inverse_M].reshape(g, s, k)
+  weight_GxSxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0)
+  y_TxD = _combine(y_TKxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
+  return y_TxD.reshape(g, s, d), kept_GxSxK
 
 
-def expert_choice_dispatch(x_GxSxD: jax.Array, token_GxExC: jax.Array,
-                           weight_GxExC: jax.Array, experts: BufferedExperts) -> jax.Array:
+def expert_choice_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
+                           experts: Experts) -> tuple[jax.Array, jax.Array]:
   """Each expert's C chosen tokens through that expert, weighted back onto the tokens."""
+  del plan  # the capacity is already in the routing's [G, E, C] token lists
   g, s, d = x_GxSxD.shape
+  token_GxExC, weight_GxExC = routing.token_GxExC, routing.weight_GxExC
   _, e, c = token_GxExC.shape
   t = g * s
   src_ExGxC = (token_GxExC + jnp.arange(g, dtype=jnp.int32)[:, None, None] * s
@@ -127,7 +202,7 @@ def expert_choice_dispatch(x_GxSxD: jax.Array, token_GxExC: jax.Array,
   src_R = src_ExGxC.reshape(-1)  # buffer row (expert, group, slot) -> token
   inverse_TxE = permute.inverse_of(src_R, t, e)  # a token is taken by at most E experts
   buf_RxD = permute.take_rows(x_GxSxD.reshape(t, d), src_R, inverse_TxE)
-  out_RxD = experts(buf_RxD.reshape(e, g * c, d)).reshape(e * g * c, d)
+  out_RxD = experts.buffered(buf_RxD.reshape(e, g * c, d)).reshape(e * g * c, d)
   weight_R = weight_GxExC.transpose(1, 0, 2).reshape(-1, 1).astype(out_RxD.dtype)
   rows = e * g * c
   inverse_TE = inverse_TxE.reshape(-1)
@@ -136,4 +211,13 @@ def expert_choice_dispatch(x_GxSxD: jax.Array, token_GxExC: jax.Array,
       jnp.arange(t * e, dtype=jnp.int32))[:rows]
   y_TxD = permute.take_rows(out_RxD * weight_R, inverse_TE, where_R[:, None])
   y_TxD = y_TxD.reshape(t, e, d).sum(axis=1)
-  return y_TxD.reshape(g, s, d)
+  return y_TxD.reshape(g, s, d), jnp.ones((g, s, 0), bool)
+
+
+Dispatch = Callable[[jax.Array, Routing, Plan, Experts], tuple[jax.Array, jax.Array]]
+
+PATHS: dict[str, Dispatch] = {
+    "capacity": capacity_dispatch,
+    "dropless": dropless_dispatch,
+    "expert_choice": expert_choice_dispatch,
+}

@@ -16,12 +16,20 @@ from moex.moe import gmm
 
 
 class ExpertWeights(NamedTuple):
+  """The routed experts' weights (all E, or this device's E_local inside shard_map)."""
+
   gate_ExDxF: jax.Array
   up_ExDxF: jax.Array
   down_ExFxD: jax.Array
 
   def astype(self, dtype) -> "ExpertWeights":
     return ExpertWeights(*(w.astype(dtype) for w in self))
+
+
+# Logical axis names of each weight, in ExpertWeights order: the parameters' shardings
+# (moex/parallel/sharding.py) and the MoE shard_map's specs (moex/moe/parallel.py) use these.
+LOGICAL_AXES = ExpertWeights(("expert", "embed", "expert_mlp"), ("expert", "embed", "expert_mlp"),
+                             ("expert", "expert_mlp", "embed"))
 
 
 def buffered(w: ExpertWeights, x_ExRxD: jax.Array) -> jax.Array:
@@ -40,8 +48,8 @@ def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
   if backend == "tiled":  # Pad once; all three matmuls run in the tiled layout.
     layout = gmm.TiledLayout(group_sizes_E, x_MxD.shape[0],
                              gmm.default_tile(x_MxD.shape[0], w.gate_ExDxF.shape[0]))
-    x_NxTxD = layout.pad(x_MxD)
-    h = jax.nn.silu(layout.matmul(x_NxTxD, w.gate_ExDxF)) * layout.matmul(x_NxTxD, w.up_ExDxF)
+    x_ZxYxD = layout.pad(x_MxD)
+    h = jax.nn.silu(layout.matmul(x_ZxYxD, w.gate_ExDxF)) * layout.matmul(x_ZxYxD, w.up_ExDxF)
     return layout.unpad(layout.matmul(h, w.down_ExFxD))
   g = gmm.grouped_matmul(x_MxD, w.gate_ExDxF, group_sizes_E, backend)
   u = gmm.grouped_matmul(x_MxD, w.up_ExDxF, group_sizes_E, backend)
@@ -55,13 +63,13 @@ class Experts(nnx.Module):
                out_std: float, param_dtype, rngs: nnx.Rngs):
     e, d, f = num_experts, d_model, d_expert
     init, out_init = nnx.initializers.normal(init_std), nnx.initializers.normal(out_std)
-    names_in, names_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
+    names = LOGICAL_AXES
     self.gate_ExDxF = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
-                                out_sharding=names_in)
+                                out_sharding=names.gate_ExDxF)
     self.up_ExDxF = nnx.Param(init(rngs.params(), (e, d, f), param_dtype),
-                              out_sharding=names_in)
+                              out_sharding=names.up_ExDxF)
     self.down_ExFxD = nnx.Param(out_init(rngs.params(), (e, f, d), param_dtype),
-                                out_sharding=names_out)
+                                out_sharding=names.down_ExFxD)
 
   def weights(self) -> ExpertWeights:
     return ExpertWeights(self.gate_ExDxF[...], self.up_ExDxF[...], self.down_ExFxD[...])

@@ -84,10 +84,10 @@ class TiledLayout:
     group_M = jnp.minimum(group_M, e - 1).astype(jnp.int32)
     self.padded_pos_M = (tile_start_E[group_M] * tile + row_M - row_start_E[group_M])
     # Tile -> group; unused trailing tiles point at group 0 and hold zero rows.
-    tile_N = jnp.arange(self.num_tiles, dtype=jnp.int32)
+    tile_Z = jnp.arange(self.num_tiles, dtype=jnp.int32)
     used = jnp.sum(tiles_E)
-    tile_group_N = jnp.searchsorted(jnp.cumsum(tiles_E), tile_N, side="right")
-    self.tile_group_N = jnp.where(tile_N < used, jnp.minimum(tile_group_N, e - 1), 0)
+    tile_group_Z = jnp.searchsorted(jnp.cumsum(tiles_E), tile_Z, side="right")
+    self.tile_group_Z = jnp.where(tile_Z < used, jnp.minimum(tile_group_Z, e - 1), 0)
 
   def pad(self, x_MxD: jax.Array) -> jax.Array:
     """Rows into tile-padded layout [N, tile, D] (padding rows are zero)."""
@@ -96,14 +96,14 @@ class TiledLayout:
     buf = buf.at[self.padded_pos_M].set(x_MxD, unique_indices=True)
     return buf.reshape(self.num_tiles, self.tile, d)
 
-  def unpad(self, y_NxTxF: jax.Array) -> jax.Array:
+  def unpad(self, y_ZxYxF: jax.Array) -> jax.Array:
     """Back from the tile-padded layout to the sorted rows [M, F]."""
-    return jnp.take(y_NxTxF.reshape(-1, y_NxTxF.shape[-1]), self.padded_pos_M, axis=0)
+    return jnp.take(y_ZxYxF.reshape(-1, y_ZxYxF.shape[-1]), self.padded_pos_M, axis=0)
 
-  def matmul(self, x_NxTxD: jax.Array, w_ExDxF: jax.Array) -> jax.Array:
+  def matmul(self, x_ZxYxD: jax.Array, w_ExDxF: jax.Array) -> jax.Array:
     """Each tile times its group's weight: [N, tile, F]."""
-    w_NxDxF = jnp.take(w_ExDxF, self.tile_group_N, axis=0)
-    return jnp.einsum("ntd,ndf->ntf", x_NxTxD, w_NxDxF)
+    w_ZxDxF = jnp.take(w_ExDxF, self.tile_group_Z, axis=0)
+    return jnp.einsum("ntd,ndf->ntf", x_ZxYxD, w_ZxDxF)
 
 
 def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Array,
@@ -182,12 +182,12 @@ def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int):
   starts_E, ends_E = _bounds(group_sizes_E)
   x_pad = jnp.concatenate([x_MxD, jnp.zeros((chunk, d), x_MxD.dtype)])
   dy_pad = jnp.concatenate([dy_MxF, jnp.zeros((chunk, f), dy_MxF.dtype)])
-  rows_C = jnp.arange(chunk)
+  rows_Y = jnp.arange(chunk)
 
   def per_group(e, dw):
     def per_chunk(j, acc):
       r = starts_E[e] + j * chunk
-      mine = (r + rows_C < ends_E[e])[:, None]  # rows past the group's end belong to others
+      mine = (r + rows_Y < ends_E[e])[:, None]  # rows past the group's end belong to others
       x_c = jnp.where(mine, jax.lax.dynamic_slice(x_pad, (r, 0), (chunk, d)), 0)
       dy_c = jax.lax.dynamic_slice(dy_pad, (r, 0), (chunk, f))
       return acc + x_c.T @ dy_c

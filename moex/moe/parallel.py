@@ -6,26 +6,39 @@ sends every assignment to the device that holds its expert (experts split over t
 sends the results back. An expert's hidden width may also be split (the `expert_mlp` rule,
 usually `tensor`): each shard computes part of the down projection and a psum adds them.
 
-- capacity path: the [E, G*C, D] buffer is already fixed-size, so one all_to_all there and
-  one back (`ep_buffered`).
-- dropless path: a padded all_to_all with a bounded buffer of B rows per device pair
-  (`ep_dropless_dispatch`). B = ceil(ep_buffer_factor * T_local * K / n_ranks), or T_local*K
-  (nothing can overflow) when the factor is 0. Assignments past the bound are dropped and
-  counted (`ep_overflow` in the statistics), never silently.
+This file supplies the dispatch paths' expert callbacks (`experts`, a dispatch.Experts):
+the paths themselves (moex/moe/dispatch.py) never see devices.
+- buffered (capacity and expert-choice paths): the [E, G*C, D] buffer is already
+  fixed-size, so one all_to_all there and one back.
+- grouped (dropless path): rows arrive sorted by expert; each device sends each other a
+  padded buffer of P rows (`pair_rows`): P = M_local (nothing can overflow) when
+  moe.ep_buffer_factor is 0, else ceil(factor * M_local / ranks). Rows past the bound, the
+  last rows in expert order of that pair, are not computed: they are returned as not kept
+  and counted (`ep_overflow` in the statistics), never silently.
   (`jax.lax.ragged_all_to_all` would avoid the padding on GPU/TPU but is not implemented on
   XLA:CPU, where every test runs; it is not used yet.)
+
+`shard_moe` wraps the layer's routed part in shard_map with partition specs derived from the
+experts' logical axis names and the config's rules (moex/parallel/sharding.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moex.moe import dispatch, experts as experts_lib, permute
-from moex.moe.routing import Routing
+from moex.parallel import sharding
+
+# The logical axes the MoE shard_map splits over; every other axis of its operands is
+# whole inside it (jit gathers, e.g., the fsdp-split model width before the call).
+SHARD_MAP_AXES = ("batch", "expert", "expert_mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,71 +65,100 @@ def _a2a(x: jax.Array, ax: Axes, split_axis: int, concat_axis: int) -> jax.Array
   return jax.lax.all_to_all(x, ax.expert, split_axis, concat_axis, tiled=True)
 
 
-def ep_buffered(w: experts_lib.ExpertWeights, ax: Axes):
-  """The capacity path's expert callback: [E, R, D] buffers in, through the owners, back."""
+def pair_rows(rows_local: int, ranks: int, factor: float) -> int:
+  """Rows each device may send to each other device on the dropless path."""
+  if factor <= 0:
+    return rows_local
+  return min(rows_local, math.ceil(factor * rows_local / ranks))
 
-  def run(buf_ExRxD: jax.Array) -> jax.Array:
+
+def experts(w: experts_lib.ExpertWeights, ax: Axes, backend: str,
+            buffer_factor: float = 0.0) -> dispatch.Experts:
+  """The dispatch callbacks for this device's expert weights `w` (all E on one device)."""
+
+  def buffered(buf_ExRxD: jax.Array) -> jax.Array:
     if ax.expert_size > 1:
-      buf_ExRxD = _a2a(buf_ExRxD, ax, 0, 1)  # -> [E_local, n * R, D]
+      buf_ExRxD = _a2a(buf_ExRxD, ax, 0, 1)  # -> [E_local, ranks * R, D]
     out = ax.psum_tensor(experts_lib.buffered(w, buf_ExRxD))
     if ax.expert_size > 1:
       out = _a2a(out, ax, 1, 0)  # -> [E, R, D]
     return out
 
-  return run
+  def local(rows_MxD: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    return ax.psum_tensor(experts_lib.grouped(w, rows_MxD, sizes_E, backend))
+
+  if ax.expert_size == 1:
+    grouped = lambda rows_MxD, sizes_E: (local(rows_MxD, sizes_E),
+                                         jnp.ones(rows_MxD.shape[:1], bool))
+  else:
+    grouped = functools.partial(_ep_grouped, local=local, ax=ax, backend=backend,
+                                buffer_factor=buffer_factor)
+  return dispatch.Experts(buffered, grouped)
 
 
-def pair_capacity(tokens_local: int, top_k: int, ranks: int, factor: float) -> int:
-  """Rows each device may send to each other device on the dropless path."""
-  if factor <= 0:
-    return tokens_local * top_k
-  return min(tokens_local * top_k, math.ceil(factor * tokens_local * top_k / ranks))
-
-
-def ep_dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, w: experts_lib.ExpertWeights,
-                         ax: Axes, backend: str, buffer_factor: float):
-  """Dropless across devices: padded all_to_all per device pair, grouped matmul at the owner.
-
-  Returns (output [G, S, D], kept [G, S, K]); kept is False only for assignments that
-  overflowed the pair buffer.
-  """
-  g, s, d = x_GxSxD.shape
-  k = routing.expert_index_GxSxK.shape[-1]
+def _ep_grouped(rows_MxD: jax.Array, sizes_E: jax.Array, *,
+                local: Callable[[jax.Array, jax.Array], jax.Array], ax: Axes, backend: str,
+                buffer_factor: float) -> tuple[jax.Array, jax.Array]:
+  """Rows sorted by (global) expert, through their owners and back: (out [M, D], kept [M])."""
+  m, d = rows_MxD.shape
   n = ax.expert_size
-  e_local = w.gate_ExDxF.shape[0]
-  t = g * s
-  b = pair_capacity(t, k, n, buffer_factor)
-  # Stage 1: a capacity dispatch over devices (rank = expert // E_local), one local group.
-  expert_1xTxK = routing.expert_index_GxSxK.reshape(1, t, k)
-  rank_1xTxK = expert_1xTxK // e_local
-  slot_1xTxK = dispatch.capacity_positions(rank_1xTxK, n)
-  kept_1xTxK = slot_1xTxK < b
-  rows = n * b
-  row_TK = jnp.where(kept_1xTxK, rank_1xTxK * b + slot_1xTxK, rows).reshape(t * k)
-  assignment_R = jnp.full((rows + 1,), t * k, jnp.int32).at[row_TK].set(
-      jnp.arange(t * k, dtype=jnp.int32))[:rows]
-  filled_R = assignment_R < t * k
-  token_R = jnp.where(filled_R, assignment_R // k, t)
-  local_expert_R = jnp.where(filled_R, expert_1xTxK.reshape(t * k)[
-      jnp.minimum(assignment_R, t * k - 1)] % e_local, e_local)
-
-  send_RxD = permute.take_rows(x_GxSxD.reshape(t, d), token_R, row_TK.reshape(t, k))
-  recv_RxD = _a2a(send_RxD.reshape(n, b, d), ax, 0, 0).reshape(rows, d)
-  recv_expert_R = _a2a(local_expert_R.reshape(n, b), ax, 0, 0).reshape(rows)
+  e_local = sizes_E.shape[0] // n
+  p = pair_rows(m, n, buffer_factor)
+  # Stage 1: a fixed buffer per destination rank (dispatch's row maps, one group, K = 1).
+  ends_E = jnp.cumsum(sizes_E)
+  expert_M = jnp.searchsorted(ends_E, jnp.arange(m), side="right").astype(jnp.int32)
+  rank_M = expert_M // e_local
+  rank_start_X = (jnp.cumsum(sizes_E.reshape(n, e_local).sum(-1))
+                  - sizes_E.reshape(n, e_local).sum(-1))
+  slot_M = jnp.arange(m, dtype=jnp.int32) - rank_start_X[rank_M]
+  b = dispatch.buffer_rows(rank_M.reshape(1, m, 1), slot_M.reshape(1, m, 1), n, p)
+  rows = n * p
+  filled_R = b.assignment_R < m
+  local_expert_R = jnp.where(filled_R, expert_M[jnp.minimum(b.assignment_R, m - 1)] % e_local,
+                             e_local)
+  send_RxD = permute.take_rows(rows_MxD, b.token_R, b.row_TK.reshape(m, 1))
+  recv_RxD = _a2a(send_RxD.reshape(n, p, d), ax, 0, 0).reshape(rows, d)
+  recv_expert_R = _a2a(local_expert_R.reshape(n, p), ax, 0, 0).reshape(rows)
 
   # Stage 2: at the owner, sort received rows by local expert (padding, id E_local, last).
   order_R = jnp.argsort(recv_expert_R, stable=True).astype(jnp.int32)
   inverse_R = jnp.argsort(order_R).astype(jnp.int32)
   sorted_RxD = permute.take_rows(recv_RxD, order_R, inverse_R[:, None])
-  sizes_E = jnp.bincount(recv_expert_R, length=e_local + 1)[:e_local].astype(jnp.int32)
+  local_sizes_E = jnp.bincount(recv_expert_R, length=e_local + 1)[:e_local].astype(jnp.int32)
   if backend == "tiled":  # its layout needs every row in a group: padding rows are zero
-    sizes_E = sizes_E.at[-1].add(rows - jnp.sum(sizes_E))
-  out_sorted_RxD = ax.psum_tensor(experts_lib.grouped(w, sorted_RxD, sizes_E, backend))
+    local_sizes_E = local_sizes_E.at[-1].add(rows - jnp.sum(local_sizes_E))
+  out_sorted_RxD = local(sorted_RxD, local_sizes_E)
   out_RxD = permute.take_rows(out_sorted_RxD, inverse_R, order_R[:, None])
-  back_RxD = _a2a(out_RxD.reshape(n, b, d), ax, 0, 0).reshape(rows, d)
+  back_RxD = _a2a(out_RxD.reshape(n, p, d), ax, 0, 0).reshape(rows, d)
+  out_MxD = permute.take_rows(back_RxD, b.row_TK, b.assignment_R[:, None])
+  return out_MxD, b.kept_GxSxK.reshape(m)
 
-  y_TKxD = permute.take_rows(back_RxD, row_TK, assignment_R[:, None])
-  kept_GxSxK = kept_1xTxK.reshape(g, s, k)
-  weight_TxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0).reshape(t, k)
-  y_TxD = jnp.einsum("tkd,tk->td", y_TKxD.reshape(t, k, d), weight_TxK.astype(y_TKxD.dtype))
-  return y_TxD.reshape(g, s, d), kept_GxSxK
+
+def axes(mesh, rules: sharding.Rules) -> Axes:
+  """The MoE layer's mesh axes under the config's rules."""
+  return Axes(batch=sharding.mesh_axes("batch", rules, mesh),
+              expert=sharding.mesh_axes("expert", rules, mesh),
+              expert_size=sharding.split_size("expert", rules, mesh),
+              tensor=sharding.mesh_axes("expert_mlp", rules, mesh),
+              tensor_size=sharding.split_size("expert_mlp", rules, mesh))
+
+
+def shard_moe(fn, mesh, args: tuple, returns_bias: bool):
+  """Runs `fn(router, bias, weights, x, tokens, rng, *, ax)` (moe_forward) under shard_map.
+
+  Specs come from each operand's logical axis names, keeping only SHARD_MAP_AXES.
+  Returns fn's (y, stats, first choice, new bias or None).
+  """
+  rules = sharding.current_rules()
+  if rules is None:
+    raise RuntimeError("MoEBlock on a multi-device mesh needs the config's rules: wrap the "
+                       "call in `with sharding.use_rules(cfg.mesh.rules)`")
+  moe_rules = tuple((k, v) for k, v in rules if k in SHARD_MAP_AXES)
+  spec = lambda *names: sharding.logical_to_spec(names, moe_rules, mesh)
+  w_spec = experts_lib.ExpertWeights(*(spec(*names) for names in experts_lib.LOGICAL_AXES))
+  bias_spec = None if args[1] is None else P()
+  in_specs = (P(), bias_spec, w_spec, spec("batch", None, None), spec("batch", None), P())
+  out_specs = (spec("batch", None, None), P(), spec("batch", None),
+               P() if returns_bias else None)
+  return jax.shard_map(functools.partial(fn, ax=axes(mesh, rules)), mesh=mesh,
+                       in_specs=in_specs, out_specs=out_specs)(*args)

@@ -4,9 +4,10 @@ Shape letters: G groups (sequences), S tokens per group, D model width, E expert
 K experts per token. All router math is float32 whatever the compute dtype.
 
 A router is a function `(logits [G, S, E], cfg, ctx) -> Routing` registered in ROUTERS
-(and named in moex/config.py ROUTERS). Token-choice routers live here; expert choice, whose
-decision is per expert rather than per token, is `expert_choice_indices` below and has its
-own dispatch.
+(and named in moex/config.py ROUTERS). Token-choice routers fill expert_index/combine_weight
+[G, S, K]; expert choice, whose decision is per expert, leaves them empty (K = 0) and fills
+the per-expert token lists [G, E, C] instead, which only its dispatch path reads
+(moex/moe/dispatch.py). The layer picks the path from the router kind (dispatch.plan).
 
 | name          | choice                              | weight of a chosen expert        | paper |
 |---------------|-------------------------------------|----------------------------------|-------|
@@ -16,6 +17,7 @@ own dispatch.
 | sigmoid_bias  | top-k of sigmoid + bias, in the best topk_groups of num_groups groups | sigmoid score / sum of chosen scores * routed_scaling | DeepSeek-V3 (2024), aux-loss-free balancing (Wang et al. 2024) |
 | hash          | k consecutive experts from a hash of the token id | 1/k            | Hash layers (Roller et al. 2021) |
 | random        | k experts uniformly at random       | 1/k                              | baseline |
+| expert_choice | each expert its top-C tokens of the group | that token's probability   | Expert choice (Zhou et al. 2022) |
 """
 
 from __future__ import annotations
@@ -30,12 +32,25 @@ from moex.config import MoEConfig
 
 
 class Routing(NamedTuple):
-  """A token-choice router's decision for every token."""
+  """A router's decision for every token (token choice) or every expert (expert choice)."""
 
   expert_index_GxSxK: jax.Array  # int32, the k-th choice of each token (best first).
   combine_weight_GxSxK: jax.Array  # float32, weight of each choice in the output sum.
   probs_GxSxE: jax.Array  # float32, the router's distribution over all experts.
   logits_GxSxE: jax.Array  # float32, raw router logits (for the z-loss).
+  token_GxExC: jax.Array | None = None  # expert choice: the C tokens each expert takes.
+  weight_GxExC: jax.Array | None = None  # expert choice: the weight of each of them.
+
+  @property
+  def expert_choice(self) -> bool:
+    return self.token_GxExC is not None
+
+  def first_choice_GxS(self) -> jax.Array:
+    """Each token's first-choice expert (its top router probability for expert choice,
+    where tokens make no choice); the probe behind moe_stats' routing_churn."""
+    if self.expert_index_GxSxK.shape[-1]:
+      return self.expert_index_GxSxK[..., 0].astype(jnp.int32)
+    return jnp.argmax(self.probs_GxSxE, axis=-1).astype(jnp.int32)
 
 
 class Context(NamedTuple):
@@ -45,6 +60,7 @@ class Context(NamedTuple):
   rng: jax.Array | None = None  # random router (per step in training, fixed at eval)
   tokens_GxS: jax.Array | None = None  # hash router
   bias_E: jax.Array | None = None  # sigmoid_bias router
+  capacity: int | None = None  # expert_choice: tokens each expert takes per group
 
 
 def topk_softmax(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
@@ -80,12 +96,12 @@ def group_limited_mask(choice_GxSxE: jax.Array, num_groups: int, topk_groups: in
   """
   g, s, e = choice_GxSxE.shape
   per_group = e // num_groups
-  grouped_GxSxNxP = choice_GxSxE.reshape(g, s, num_groups, per_group)
-  best = jax.lax.top_k(grouped_GxSxNxP, min(2, per_group))[0]
-  group_score_GxSxN = jnp.sum(best, axis=-1)
-  _, top_groups = jax.lax.top_k(group_score_GxSxN, topk_groups)
-  keep_GxSxN = jnp.any(jax.nn.one_hot(top_groups, num_groups, dtype=bool), axis=-2)
-  return jnp.repeat(keep_GxSxN, per_group, axis=-1)
+  grouped_GxSxOxI = choice_GxSxE.reshape(g, s, num_groups, per_group)
+  best = jax.lax.top_k(grouped_GxSxOxI, min(2, per_group))[0]
+  group_score_GxSxO = jnp.sum(best, axis=-1)
+  _, top_groups = jax.lax.top_k(group_score_GxSxO, topk_groups)
+  keep_GxSxO = jnp.any(jax.nn.one_hot(top_groups, num_groups, dtype=bool), axis=-2)
+  return jnp.repeat(keep_GxSxO, per_group, axis=-1)
 
 
 def sigmoid_bias(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
@@ -128,6 +144,22 @@ def random_router(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
   return _uniform_routing(index_GxSxK, logits_GxSxE, cfg)
 
 
+def expert_choice(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
+  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of each group.
+
+  Non-causal: the ranking of a sequence's tokens uses the whole sequence (moex/config.py
+  refuses it for a causal decoder without moe.allow_noncausal_routing).
+  """
+  del cfg
+  g, s, _ = logits_GxSxE.shape
+  probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
+  c = min(ctx.capacity, s)
+  weight_GxExC, token_GxExC = jax.lax.top_k(probs_GxSxE.transpose(0, 2, 1), c)
+  empty_GxSx0 = jnp.zeros((g, s, 0), jnp.int32)
+  return Routing(empty_GxSx0, empty_GxSx0.astype(jnp.float32), probs_GxSxE, logits_GxSxE,
+                 token_GxExC.astype(jnp.int32), weight_GxExC)
+
+
 ROUTERS: dict[str, Callable[[jax.Array, MoEConfig, Context], Routing]] = {
     "topk_softmax": topk_softmax,
     "softmax_topk": softmax_topk,
@@ -135,20 +167,8 @@ ROUTERS: dict[str, Callable[[jax.Array, MoEConfig, Context], Routing]] = {
     "sigmoid_bias": sigmoid_bias,
     "hash": hash_router,
     "random": random_router,
+    "expert_choice": expert_choice,
 }
-
-
-def expert_choice_indices(logits_GxSxE: jax.Array, capacity: int):
-  """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of each group.
-
-  Returns (token index [G, E, C], weight [G, E, C], probs [G, S, E]). Non-causal: the
-  ranking of a sequence's tokens uses the whole sequence (moex/config.py refuses it for a
-  causal decoder without moe.allow_noncausal_routing).
-  """
-  probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-  c = min(capacity, logits_GxSxE.shape[1])
-  weight_GxExC, token_GxExC = jax.lax.top_k(probs_GxSxE.transpose(0, 2, 1), c)
-  return token_GxExC.astype(jnp.int32), weight_GxExC, probs_GxSxE
 
 
 def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:

@@ -3,13 +3,19 @@
 Above `moe.stats_max_experts` experts, per-expert lists (expert_load, expert_kept,
 rank_load) are written as summaries (sum, percentiles, histogram) so lines stay bounded.
 
-Device side: `layer_stats` returns a dict of small arrays per MoE layer; the train step
-sums them over a logging window (`accumulate`), so nothing leaves the device between log
-steps. Host side: `records` turns one window into the `moe_stats.jsonl` lines.
+Device side: `layer_stats(routing, kept, plan)` returns a dict of small arrays per MoE
+layer; the train step sums them over a logging window (`accumulate`), so nothing leaves the
+device between log steps. Host side: `records` turns one window into the `moe_stats.jsonl`
+lines, labelled with the same `dispatch.Plan` the layer ran with.
+
+To add a statistic: compute its (psummed) sum in `layer_stats`, turn it into a field in
+`records` (and document it below and in WORKSPACE.md); see "Adding a statistic" there.
 
 Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
-  step, split, layer, tokens, num_experts, top_k, dispatch, capacity (per expert and
-  sequence; null when dropless), capacity_factor (null when dropless), expert_load (E ints,
+  step, split, layer, tokens, num_experts, top_k, dispatch (the path: capacity, dropless,
+  expert_choice), capacity (per expert and sequence; null when dropless), capacity_factor
+  (null when dropless), tokens_per_group and min_capacity (with num_experts and top_k, what
+  moex.config.capacity needs to recompute the capacity at any factor), expert_load (E ints,
   before dropping), expert_kept (E ints, after), dropped_fraction (1 - kept/load),
   needed_capacity_factor (smallest factor that would have dropped nothing in any sequence
   of the window), router_entropy (mean nats over tokens, full distribution over E),
@@ -32,6 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moex.moe import balancing
+from moex.moe.dispatch import Plan
+from moex.moe.routing import Routing
+
 # Per-sequence loads binned by the capacity factor they would need (bins of HIST_WIDTH up
 # to HIST_MAX; the last bin collects everything above), so the drop at any capacity
 # factor can be computed afterwards (moex.report's recommendation).
@@ -43,72 +53,71 @@ HIST_BINS = int(round(HIST_MAX / HIST_WIDTH)) + 1
 MAX_FIELDS = ("max_group_load",)
 
 
-def routing_shape_stats(expert_index_GxSxK: jax.Array, probs_GxSxE: jax.Array) -> dict:
-  """Local sums for top-k margin and expert co-occurrence (psummed by layer_stats).
+def _shape_stats(routing: Routing, psum) -> dict:
+  """Top-k margin and expert co-occurrence sums.
 
   topk_margin_sum: sum over tokens of p_(k) - p_(k+1), the gap between the k-th and the
   (k+1)-th router probability (0 when K = E or K = 0). cooccurrence: [E, E] counts of
   tokens that chose both experts (the diagonal is the load).
   """
+  expert_index_GxSxK, probs_GxSxE = routing.expert_index_GxSxK, routing.probs_GxSxE
   e = probs_GxSxE.shape[-1]
   k = expert_index_GxSxK.shape[-1]
   if 0 < k < e:
     top = jax.lax.top_k(probs_GxSxE, k + 1)[0]
-    margin = jnp.sum(top[..., k - 1] - top[..., k])
+    margin = jnp.sum(top[..., k - 1] - top[..., k]).astype(jnp.float32)
   else:
     margin = jnp.zeros((), jnp.float32)
   if k == 0:  # expert choice: no per-token choices
-    return {"topk_margin_sum": margin, "cooccurrence": jnp.zeros((e, e), jnp.int32)}
+    return {"topk_margin_sum": psum(margin), "cooccurrence": jnp.zeros((e, e), jnp.int32)}
   chosen_TxE = jnp.sum(jax.nn.one_hot(expert_index_GxSxK.reshape(-1, k), e,
                                       dtype=jnp.float32), axis=1)
   co_ExE = jnp.round(chosen_TxE.T @ chosen_TxE).astype(jnp.int32)
-  return {"topk_margin_sum": margin.astype(jnp.float32), "cooccurrence": co_ExE}
+  return {"topk_margin_sum": psum(margin), "cooccurrence": psum(co_ExE)}
 
 
-def _load_histogram(load_GxE: jax.Array, tokens_per_group: int, top_k: int, psum) -> dict:
+def _load_histogram(load_GxE: jax.Array, plan: Plan, psum) -> dict:
   """Counts and load sums of (sequence, expert) pairs by needed capacity factor."""
   e = load_GxE.shape[-1]
-  factor = load_GxE.astype(jnp.float32) * e / max(tokens_per_group * max(top_k, 1), 1)
-  bins = jnp.minimum((factor / HIST_WIDTH).astype(jnp.int32), HIST_BINS - 1).reshape(-1)
-  ones = jnp.ones_like(bins)
+  unit = max(plan.tokens_per_group * max(plan.top_k, 1), 1)
+  factor = load_GxE.astype(jnp.float32) * e / unit
+  bin_Q = jnp.minimum((factor / HIST_WIDTH).astype(jnp.int32), HIST_BINS - 1).reshape(-1)
+  ones = jnp.ones_like(bin_Q)
   return {
-      "hist_count": psum(jnp.zeros((HIST_BINS,), jnp.int32).at[bins].add(ones)),
-      "hist_load": psum(jnp.zeros((HIST_BINS,), jnp.int32).at[bins].add(
+      "hist_count": psum(jnp.zeros((HIST_BINS,), jnp.int32).at[bin_Q].add(ones)),
+      "hist_load": psum(jnp.zeros((HIST_BINS,), jnp.int32).at[bin_Q].add(
           load_GxE.reshape(-1).astype(jnp.int32))),
   }
 
 
-def layer_stats(load_GxE: jax.Array, kept_E: jax.Array, train_capacity: int,
-                entropy_sum: jax.Array, lb_loss: jax.Array, z: jax.Array,
-                seq_lb_loss: jax.Array | None = None, reduce=None,
-                ep_overflow_E: jax.Array | None = None,
-                shape_stats: dict | None = None, tokens_per_group: int = 1,
-                top_k: int = 1) -> dict:
-  """One MoE layer's counts for one step (all on device).
+def layer_stats(routing: Routing, kept_GxSxK: jax.Array, plan: Plan, reduce=None) -> dict:
+  """One MoE layer's counts and balancing terms for one step (all on device), from the
+  routing, what dispatch kept, and the layer's plan.
 
-  `reduce` (a parallel.Axes) sums the counts over the batch mesh axes inside shard_map, so
-  every field is global; the loss terms given here must already be global.
+  `reduce` (a parallel.Axes) sums over the batch mesh axes inside shard_map, so every field
+  is global and the same on any mesh. The loss reads the balancing terms from here.
   """
   psum = reduce.psum if reduce is not None else (lambda x: x)
   pmax = reduce.pmax if reduce is not None else (lambda x: x)
+  load_GxE = balancing.routed_load(routing)
   e = load_GxE.shape[-1]
+  load_E = psum(jnp.sum(load_GxE, axis=0))
+  dropped_E = jnp.zeros((e,), jnp.int32).at[routing.expert_index_GxSxK.reshape(-1)].add(
+      (~kept_GxSxK).reshape(-1).astype(jnp.int32))
+  dropped_E = psum(dropped_E)
   return {
-      "expert_load": psum(jnp.sum(load_GxE, axis=0)),
-      "expert_kept": psum(kept_E.astype(jnp.int32)),
-      "train_capacity_kept": psum(jnp.sum(jnp.minimum(load_GxE, train_capacity), axis=0)),
-      "ep_overflow": psum(jnp.zeros((e,), jnp.int32) if ep_overflow_E is None
-                          else ep_overflow_E.astype(jnp.int32)),
+      "expert_load": load_E,
+      "expert_kept": load_E - dropped_E,
+      "train_capacity_kept": psum(jnp.sum(jnp.minimum(load_GxE, plan.train_capacity), axis=0)),
+      # On the dropless path only the bounded expert-parallel buffer drops.
+      "ep_overflow": dropped_E if plan.path == "dropless" else jnp.zeros((e,), jnp.int32),
       "max_group_load": pmax(jnp.max(load_GxE)),
-      "entropy_sum": entropy_sum.astype(jnp.float32),
-      "load_balance_loss": lb_loss.astype(jnp.float32),
-      "z_loss": z.astype(jnp.float32),
-      "seq_load_balance_loss": (jnp.zeros((), jnp.float32) if seq_lb_loss is None
-                                else seq_lb_loss.astype(jnp.float32)),
-      **_load_histogram(load_GxE, tokens_per_group, top_k, psum),
-      "topk_margin_sum": psum(shape_stats["topk_margin_sum"]) if shape_stats
-                         else jnp.zeros((), jnp.float32),
-      "cooccurrence": psum(shape_stats["cooccurrence"]) if shape_stats
-                      else jnp.zeros((e, e), jnp.int32),
+      "entropy_sum": balancing.router_entropy_sum(routing, psum).astype(jnp.float32),
+      "load_balance_loss": balancing.load_balance_loss(routing, load_E, psum),
+      "z_loss": balancing.z_loss(routing, psum),
+      "seq_load_balance_loss": balancing.sequence_load_balance_loss(routing, load_GxE, psum),
+      **_load_histogram(load_GxE, plan, psum),
+      **_shape_stats(routing, psum),
       "steps": jnp.ones((), jnp.int32),
   }
 
@@ -151,11 +160,11 @@ def _cooccurrence(co_ExE: np.ndarray, max_experts: int, top: int = 16) -> dict:
           "total_pairs": int(pairs.sum())}
 
 
-def _histogram(count_B: np.ndarray, load_B: np.ndarray) -> dict:
+def _histogram(count_Q: np.ndarray, load_Q: np.ndarray) -> dict:
   """Non-empty prefix of the needed-capacity-factor histogram of (sequence, expert) pairs."""
-  last = int(np.flatnonzero(count_B).max()) + 1 if count_B.any() else 0
-  return {"bin_width": HIST_WIDTH, "counts": count_B[:last].astype(int).tolist(),
-          "load_sums": load_B[:last].astype(int).tolist()}
+  last = int(np.flatnonzero(count_Q).max()) + 1 if count_Q.any() else 0
+  return {"bin_width": HIST_WIDTH, "counts": count_Q[:last].astype(int).tolist(),
+          "load_sums": load_Q[:last].astype(int).tolist()}
 
 
 def _overload(rank_load: np.ndarray) -> float:
@@ -176,14 +185,14 @@ def routing_churn(prev_NxBxL: np.ndarray, cur_NxBxL: np.ndarray) -> np.ndarray:
   return np.mean(prev != cur, axis=tuple(range(1, cur.ndim)))
 
 
-def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_k: int,
-            dispatch: str, capacity: int | None, capacity_factor: float | None,
-            train_capacity: int, train_capacity_factor: float,
-            tokens_per_group: int, expert_ranks: int = 1,
-            max_experts: int = 64, churn_N: np.ndarray | None = None) -> list[dict]:
+def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], plan: Plan,
+            expert_ranks: int = 1, max_experts: int = 64,
+            churn_N: np.ndarray | None = None) -> list[dict]:
   """The moe_stats.jsonl lines of one window; `stats` holds host arrays [num_moe_layers,...];
-  `churn_N` the routing churn of each MoE layer (None: not measured)."""
+  `plan` is the layer's (dispatch.plan for the split); `churn_N` the routing churn of each
+  MoE layer (None: not measured)."""
   out = []
+  top_k, s_per_group = plan.top_k, plan.tokens_per_group
   for i, layer in enumerate(layers):
     s = {k: np.asarray(v[i]) for k, v in stats.items()}
     load = s["expert_load"].astype(np.int64)
@@ -199,13 +208,15 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "tokens": tokens,
         "num_experts": e,
         "top_k": top_k,
-        "dispatch": dispatch,
-        "capacity": capacity,
-        "capacity_factor": capacity_factor,
+        "dispatch": plan.path,
+        "capacity": plan.capacity,
+        "capacity_factor": plan.capacity_factor,
+        "tokens_per_group": s_per_group,
+        "min_capacity": plan.min_capacity,
         "expert_load": _per_expert(load, max_experts),
         "expert_kept": _per_expert(kept, max_experts),
         "dropped_fraction": 1.0 - kept.sum() / total if total else 0.0,
-        "needed_capacity_factor": float(s["max_group_load"]) * e / (tokens_per_group * top_k),
+        "needed_capacity_factor": float(s["max_group_load"]) * e / (s_per_group * top_k),
         "router_entropy": float(s["entropy_sum"]) / max(tokens, 1),
         "load_balance_loss": float(s["load_balance_loss"]) / steps,
         "z_loss": float(s["z_loss"]) / steps,
@@ -218,8 +229,8 @@ def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], top_
         "rank_load": _per_expert(load.reshape(expert_ranks, -1).sum(-1), max_experts),
         "overload_factor": _overload(load.reshape(expert_ranks, -1).sum(-1)),
         "ep_overflow": int(s["ep_overflow"].sum()),
-        "train_capacity": train_capacity,
-        "train_capacity_factor": train_capacity_factor,
+        "train_capacity": plan.train_capacity,
+        "train_capacity_factor": plan.train_capacity_factor,
         "train_capacity_dropped_fraction":
             1.0 - int(s["train_capacity_kept"].sum()) / total if total else 0.0,
         "routing_churn": None if churn_N is None else float(churn_N[i]),

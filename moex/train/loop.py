@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
-from moex.moe import stats as moe_stats
+from moex.moe import dispatch as moe_dispatch, stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import checkpoint, flops, optimizer, state as state_lib, step as step_lib
 from moex.train import writers
@@ -198,19 +198,12 @@ class _Runner:
                    churn_N: np.ndarray | None = None) -> list[dict]:
     if not moe_host:
       return []
-    m, l = self.cfg.moe, self.cfg.data.seq_len
-    if split == "train":
-      path = m.dispatch
-      cf = m.capacity_factor if path == "capacity" else None
-    else:
-      cf = m.eval_capacity_factor if m.eval_capacity_factor > 0 else None
-      path = "capacity" if cf else "dropless"
+    # The plan the layers ran with: the same function, config, split and length.
+    plan = moe_dispatch.plan(self.cfg.moe, split == "train", self.cfg.data.seq_len)
     return moe_stats.records(
-        moe_host, step=step, split=split, layers=self.cfg.model.moe_layers, top_k=m.top_k,
-        dispatch=path, capacity=m.capacity(l, cf) if cf else None, capacity_factor=cf,
-        train_capacity=m.capacity(l, m.capacity_factor),
-        train_capacity_factor=m.capacity_factor, tokens_per_group=l,
-        expert_ranks=self.expert_ranks, max_experts=m.stats_max_experts, churn_N=churn_N)
+        moe_host, step=step, split=split, layers=self.cfg.model.moe_layers, plan=plan,
+        expert_ranks=self.expert_ranks, max_experts=self.cfg.moe.stats_max_experts,
+        churn_N=churn_N)
 
   def evaluate(self, state: dict, step: int) -> dict:
     t0 = time.time()

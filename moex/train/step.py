@@ -18,22 +18,22 @@ from flax import nnx
 from moex.config import Config
 from moex.moe import stats as moe_stats
 
+
 def _reduce_layers(x_L: jax.Array, how: str) -> jax.Array:
   return jnp.sum(x_L) if how == "sum" else jnp.mean(x_L)
 
 
 def forward(graphdef, params, buffers, tokens_BxL1: jax.Array, *, train: bool,
             rng: jax.Array | None = None):
-  """(logits for tokens[:, :-1], targets tokens[:, 1:], stacked MoE stats, new buffers).
+  """(logits for tokens[:, :-1], targets tokens[:, 1:], MoE stats stacked over MoE layers
+  ({} for a dense model), new buffers).
 
-  The model may update its buffers in training (the aux-loss-free router bias does). The
-  per-token first choices are dropped from the stats (see `make_probe_step`).
+  The model may update its buffers in training (the aux-loss-free router bias does).
   """
   model = nnx.merge(graphdef, params, buffers)
   logits_BxLxV, moe = model(tokens_BxL1[:, :-1], train=train, rng=rng)
-  moe = {k: v for k, v in moe.items() if k != "first_choice"}
   new_buffers = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-  return logits_BxLxV, tokens_BxL1[:, 1:], moe, new_buffers
+  return logits_BxLxV, tokens_BxL1[:, 1:], {} if moe is None else moe.stats, new_buffers
 
 
 def balancing_terms(moe: dict, how: str) -> dict:
@@ -60,10 +60,10 @@ def loss_fn(params, buffers, tokens_BxL1, rng, *, graphdef, cfg: Config):
 _MEAN_AUX = ("cross_entropy", "load_balance_loss", "seq_load_balance_loss", "z_loss")
 
 
-def _fold(moe_A: dict) -> dict:
-  """Stacked per-micro-batch MoE stats [A-1, ...] combined into one window."""
+def _fold(moe_U: dict) -> dict:
+  """Stacked per-micro-batch MoE stats [U-1, ...] combined into one window."""
   return {k: (jnp.max(v, axis=0) if k in moe_stats.MAX_FIELDS else jnp.sum(v, axis=0))
-          for k, v in moe_A.items()}
+          for k, v in moe_U.items()}
 
 
 def accumulate(acc: dict, new: dict) -> dict:
@@ -93,7 +93,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
     if accum == 1:
       return grad_fn(params, buffers, tokens_BxL1, rng)
     b = tokens_BxL1.shape[0]
-    micro_AxBxL1 = tokens_BxL1.reshape(accum, b // accum, -1)
+    micro_UxBxL1 = tokens_BxL1.reshape(accum, b // accum, -1)
 
     def body(carry, xs):
       buffers, sums = carry
@@ -103,11 +103,11 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
       sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
       return (aux["buffers"], sums), aux["moe"]
 
-    first = body((buffers, None), (micro_AxBxL1[0], 0))
-    (buffers, sums), moe_A = jax.lax.scan(
-        body, first[0], (micro_AxBxL1[1:], jnp.arange(1, accum)))
+    first = body((buffers, None), (micro_UxBxL1[0], 0))
+    (buffers, sums), moe_U = jax.lax.scan(
+        body, first[0], (micro_UxBxL1[1:], jnp.arange(1, accum)))
     sums = jax.tree.map(lambda x: x / accum, sums)
-    moe = moe_stats.accumulate(first[1], _fold(moe_A)) if first[1] else {}
+    moe = moe_stats.accumulate(first[1], _fold(moe_U)) if first[1] else {}
     aux = {**{k: sums[k] for k in _MEAN_AUX}, "moe": moe, "buffers": buffers}
     return (sums["loss"], aux), sums["grads"]
 
@@ -163,9 +163,9 @@ def make_probe_step(graphdef) -> Callable:
   def probe(params, buffers, tokens_BxL1: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, params, buffers)
     _, moe = model(tokens_BxL1[:, :-1], train=False)
-    if not moe:
+    if moe is None:
       return jnp.zeros((0,) + tokens_BxL1[:, :-1].shape, jnp.int32)
-    return moe["first_choice"]
+    return moe.first_choice_GxS
 
   return probe
 
