@@ -13,7 +13,11 @@ Re-running with the same --workdir resumes from the latest checkpoint; a larger
 --config.train.steps continues training past the first run's end.
 """
 
+import dataclasses
+
 import ml_collections
+
+from moex import config as config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,38 +44,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat = "none"  # Rematerialize each block in the backward pass: "none", "full", or a
   # jax.checkpoint_policies name ("dots_saveable", "dots_with_no_batch_dims_saveable").
 
-  c.moe = e = ml_collections.ConfigDict()
+  # Every MoE field starts at its default in moex/config.py MoEConfig, which documents each
+  # one (and the whole section stays overridable: --config.moe.jitter=0.1). Set here are
+  # this experiment's choices.
+  c.moe = e = ml_collections.ConfigDict(dataclasses.asdict(config_lib.MoEConfig()))
   e.num_experts = 8  # Experts E per MoE layer.
   e.top_k = 2  # Experts K each token is sent to.
-  e.d_expert = 256  # Hidden width of each SwiGLU expert (its own field: fine-grained MoE).
-  e.router = "topk_softmax"  # Router: see moex/moe/routing.py ROUTERS.
-  e.dispatch = "capacity"  # Training dispatch: "capacity" (fixed buffers, drops) or "dropless".
-  e.capacity_factor = 1.25  # Training: capacity C = ceil(cf * S * K / E) per sequence of S.
-  e.eval_capacity_factor = 0.0  # Evaluation capacity factor; 0 = dropless evaluation.
-  e.min_capacity = 4  # Lower bound on C (flaxformer's default).
-  e.drop_policy = "position"  # Who wins a full buffer: "position" (earlier tokens) or
-  # "probability" (batch-prioritized: higher router weight); first choices always first.
-  e.renormalize_after_drop = False  # Rescale surviving weights to the token's total.
-  e.renormalize = False  # softmax_topk: divide the k probabilities by their sum.
-  e.jitter = 0.0  # Multiplicative noise U(1-j, 1+j) on the router input, training only.
-  e.bias_update_rate = 1e-3  # sigmoid_bias: bias += rate * sign(mean load - load_e).
-  e.num_groups = 1  # sigmoid_bias: expert groups for group-limited routing (1 = off).
-  e.topk_groups = 1  # sigmoid_bias: groups each token may choose experts from.
-  e.routed_scaling = 1.0  # Multiplies the routed experts' output (DeepSeek-V3 uses 2.5).
-  e.allow_noncausal_routing = False  # Needed for expert_choice, which sees later tokens.
-  e.num_shared_experts = 0  # Always-on shared experts (DeepSeek); 0 = none.
-  e.d_shared = 0  # Hidden width of each shared expert; 0 = d_expert.
-  e.load_balance_weight = 1e-2  # Weight of the Switch load-balancing loss.
-  e.seq_load_balance_weight = 0.0  # Weight of its per-sequence variant.
-  e.z_loss_weight = 1e-3  # Weight of the router z-loss.
-  e.aux_reduce = "mean"  # Combine per-layer balancing terms: "mean" or "sum" over layers.
-  e.grouped_matmul = "auto"  # Dropless backend: "auto", "ragged_dot", "tiled", "chunked",
-  # "megablox" (Pallas TPU kernel); auto = megablox on TPU, ragged_dot on GPU, chunked on CPU.
-  # Dropless across expert-parallel ranks: rows per device pair = factor * T_local * K /
-  # ranks; 0 = T_local * K (never overflows; overflow is counted in moe_stats).
-  e.ep_buffer_factor = 0.0
-  e.stats_max_experts = 64  # Above this many experts moe_stats.jsonl summarizes per-expert
-  # lists (percentiles, histogram) instead of writing them whole.
+  e.d_expert = 256  # Hidden width of each SwiGLU expert.
+  e.router = "topk_softmax"  # Softmax over all experts, then the top K.
+  e.dispatch = "capacity"  # Fixed per-expert buffers; overflowing tokens are dropped.
+  e.capacity_factor = 1.25  # C = max(ceil(1.25 * S * K / E), min_capacity) per sequence.
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # "stdlib" or comma-separated text files / globs.

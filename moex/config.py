@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import ml_collections
@@ -20,6 +21,10 @@ GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "megablox")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# The logical axis names the code gives tensors (parameters' out_sharding, the batch, the MoE
+# layer's shard_map); the first element of each mesh.rules entry must be one of them.
+LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "expert",
+                "expert_mlp")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -67,34 +72,40 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  """The MoE block. Defaults fill keys a config file leaves out (documented in tiny.py)."""
+  """The MoE block. The one home of its defaults: experiment configs start from these."""
 
-  num_experts: int = 8
-  top_k: int = 2
-  d_expert: int = 256
-  router: str = "topk_softmax"
-  dispatch: str = "capacity"
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float = 0.0
-  min_capacity: int = 4
-  drop_policy: str = "position"
-  renormalize_after_drop: bool = False
-  renormalize: bool = False
-  jitter: float = 0.0
-  bias_update_rate: float = 1e-3
-  num_groups: int = 1
-  topk_groups: int = 1
-  routed_scaling: float = 1.0
-  allow_noncausal_routing: bool = False
-  num_shared_experts: int = 0
-  d_shared: int = 0
-  load_balance_weight: float = 1e-2
-  seq_load_balance_weight: float = 0.0
-  z_loss_weight: float = 1e-3
-  aux_reduce: str = "mean"
-  grouped_matmul: str = "auto"
-  ep_buffer_factor: float = 0.0
-  stats_max_experts: int = 64
+  num_experts: int = 8  # Experts E per MoE layer.
+  top_k: int = 2  # Experts K each token is sent to.
+  d_expert: int = 256  # Hidden width of each SwiGLU expert (its own field: fine-grained MoE).
+  router: str = "topk_softmax"  # Router: ROUTERS above (moex/moe/routing.py).
+  dispatch: str = "capacity"  # Training dispatch: "capacity" (fixed buffers, drops) or
+  # "dropless".
+  capacity_factor: float = 1.25  # Training: capacity C = ceil(cf * S * K / E) per group of S.
+  eval_capacity_factor: float = 0.0  # Evaluation capacity factor; 0 = dropless evaluation.
+  min_capacity: int = 4  # Lower bound on C (flaxformer's default).
+  drop_policy: str = "position"  # Who wins a full buffer: "position" (earlier tokens) or
+  # "probability" (batch-prioritized: higher router weight); first choices always first.
+  renormalize_after_drop: bool = False  # Rescale surviving weights to the token's total.
+  renormalize: bool = False  # softmax_topk: divide the k probabilities by their sum.
+  jitter: float = 0.0  # Multiplicative noise U(1-j, 1+j) on the router input, training only.
+  bias_update_rate: float = 1e-3  # sigmoid_bias: bias += rate * sign(mean load - load_e).
+  num_groups: int = 1  # sigmoid_bias: expert groups for group-limited routing (1 = off).
+  topk_groups: int = 1  # sigmoid_bias: groups each token may choose experts from.
+  routed_scaling: float = 1.0  # Multiplies the routed experts' output (DeepSeek-V3: 2.5).
+  allow_noncausal_routing: bool = False  # Needed for expert_choice, which sees later tokens.
+  num_shared_experts: int = 0  # Always-on shared experts (DeepSeek); 0 = none.
+  d_shared: int = 0  # Hidden width of each shared expert; 0 = d_expert.
+  load_balance_weight: float = 1e-2  # Weight of the Switch load-balancing loss.
+  seq_load_balance_weight: float = 0.0  # Weight of its per-sequence variant.
+  z_loss_weight: float = 1e-3  # Weight of the router z-loss.
+  aux_reduce: str = "mean"  # Combine per-layer balancing terms: "mean" or "sum" over layers.
+  grouped_matmul: str = "auto"  # Dropless backend: "auto", "ragged_dot", "tiled", "chunked",
+  # "megablox" (Pallas TPU kernel); auto = megablox on TPU, ragged_dot on GPU, chunked on CPU.
+  ep_buffer_factor: float = 0.0  # Dropless across expert-parallel ranks: rows per device
+  # pair = factor * T_local * K / ranks; 0 = T_local * K (never overflows; overflow is
+  # counted in moe_stats).
+  stats_max_experts: int = 64  # Above this many experts moe_stats.jsonl summarizes
+  # per-expert lists (percentiles, histogram) instead of writing them whole.
 
   def capacity(self, tokens_per_group: int, capacity_factor: float) -> int:
     """Per-expert buffer size for a group of S tokens (module-level `capacity`)."""
@@ -104,6 +115,8 @@ class MoEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+  """config.data, the one view moex.data reads (fields commented in experiments/tiny.py)."""
+
   source: str
   tokenizer: str
   val_fraction: float
@@ -196,6 +209,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
 
   `vocab_size` is the tokenizer's; it fills model.vocab_size when that is 0.
   """
+  _check("seed" in cd, "seed", "missing")
+  _check(isinstance(cd.seed, numbers.Integral) and not isinstance(cd.seed, bool), "seed",
+         f"must be an int, got {cd.seed!r}")
   for section in ("model", "moe", "data", "opt", "train", "mesh"):
     _check(section in cd, section, "missing section")
   model = _view(ModelConfig, "model", cd.model)
@@ -268,13 +284,18 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
            "moe.allow_noncausal_routing=True to use it anyway")
 
   _positive("data", data, "seq_len", "batch_size", "eval_batches")
-  _check(0 < data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)")
+  _check(0 < data.val_fraction < 1, "data.val_fraction",
+         f"must be in (0, 1), got {data.val_fraction!r}")
   _check(bool(data.source.strip()), "data.source", "must name 'stdlib' or files")
 
   _positive("opt", opt, "learning_rate", "eps")
   _check(opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")
   _check(0 <= opt.min_lr_ratio <= 1, "opt.min_lr_ratio", "must be in [0, 1]")
   _check(opt.grad_clip >= 0, "opt.grad_clip", "must be >= 0 (0 disables clipping)")
+  _check(opt.weight_decay >= 0, "opt.weight_decay", f"must be >= 0, got {opt.weight_decay!r}")
+  for name in ("b1", "b2"):
+    v = getattr(opt, name)
+    _check(0 <= v < 1, f"opt.{name}", f"must be in [0, 1), got {v!r}")
 
   _positive("train", train, "steps", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "progress_seconds", "grad_accum_steps")
@@ -286,6 +307,8 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
     _check(s == -1 or s >= 1, f"mesh.{a}", f"must be >= 1 or -1, got {s}")
   _check(sum(s == -1 for s in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
   for logical, axes in mesh.rules:
+    _check(logical in LOGICAL_AXES, f"mesh.rules[{logical}]",
+           f"unknown logical axis {logical!r} (known: {', '.join(LOGICAL_AXES)})")
     for a in (axes if isinstance(axes, tuple) else (axes,)):
       _check(a is None or a in MESH_AXES, f"mesh.rules[{logical}]",
              f"unknown mesh axis {a!r} (known: {', '.join(MESH_AXES)})")

@@ -7,7 +7,6 @@ import pytest
 
 from experiments import tiny
 from moex import config as config_lib
-from moex.parallel import mesh as mesh_lib
 
 
 def _set(cd, key, value):
@@ -51,13 +50,6 @@ def test_unknown_key_is_an_error():
     config_lib.validate(cd)
 
 
-def test_mesh_product_must_match_devices():
-  cfg = config_lib.validate(_set(tiny.get_config(), "mesh.data", 2), vocab_size=259)
-  with pytest.raises(config_lib.ConfigError, match="mesh: data=2 x fsdp=1"):
-    mesh_lib.resolve_shape(cfg.mesh, 1)
-  assert mesh_lib.resolve_shape(cfg.mesh, 2)["data"] == 2
-
-
 def _main(tmp_path, *overrides, env=None):
   cmd = [sys.executable, "-m", "moex.main", "--config=experiments/tiny.py",
          f"--workdir={tmp_path / 'w'}", *overrides]
@@ -78,41 +70,6 @@ def test_main_exits_with_one_line_for_missing_data(tmp_path):
   assert r.stderr.strip().splitlines()[-1].startswith("moex: config error: data.source:")
 
 
-def test_batch_must_divide_over_devices(tmp_path):
-  import os
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3",
-             JAX_PLATFORMS="cpu")
-  r = _main(tmp_path, env=env)
-  assert r.returncode != 0
-  assert r.stderr.strip().splitlines()[-1] == (
-      "moex: config error: data.batch_size: 16 is not divisible by the 3 batch shards of "
-      "the mesh")
-
-
-def _main8(tmp_path, *overrides):
-  import os
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  return _main(tmp_path, *overrides, env=env)
-
-
-def test_bad_layouts_fail_before_compiling_with_one_line(tmp_path):
-  cases = [
-      (("--config.mesh.data=3",), "moex: config error: mesh: data=3 x fsdp=1 x expert=1 x "
-       "tensor=1 = 3 devices, but 8 are available"),
-      (("--config.mesh.data=-1", "--config.mesh.expert=8", "--config.moe.num_experts=12"),
-       "moex: config error: moe.num_experts: 12 experts do not divide over the 8 "
-       "expert-parallel ranks of the mesh"),
-      (("--config.mesh.data=-1", "--config.mesh.expert=8", "--config.data.batch_size=12"),
-       "moex: config error: data.batch_size: 12 is not divisible by the 8 batch shards of "
-       "the mesh"),
-  ]
-  for overrides, line in cases:
-    r = _main8(tmp_path, *overrides)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1] == line
-
-
 def test_main_exits_with_one_line_when_data_is_too_small(tmp_path):
   (tmp_path / "a.py").write_text("x = 1\n")
   (tmp_path / "b.py").write_text("y = 2\n")
@@ -120,3 +77,124 @@ def test_main_exits_with_one_line_when_data_is_too_small(tmp_path):
             f"--config.data.cache_dir={tmp_path}/cache")
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1].startswith("moex: config error: data.batch_size:")
+
+
+# ---------------------------------------------------------------------------------------
+# Keys validate used to miss.
+
+
+def test_missing_seed_is_a_config_error():
+  cd = tiny.get_config()
+  del cd["seed"]
+  with pytest.raises(config_lib.ConfigError, match="^seed: missing$"):
+    config_lib.validate(cd, vocab_size=259)
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("opt.b1", 1.0, "opt.b1: must be in [0, 1), got 1.0"),
+    ("opt.b1", -0.1, "opt.b1: must be in [0, 1), got -0.1"),
+    ("opt.b2", 1.0, "opt.b2: must be in [0, 1), got 1.0"),
+    ("opt.weight_decay", -0.1, "opt.weight_decay: must be >= 0, got -0.1"),
+    ("data.val_fraction", 0.0, "data.val_fraction: must be in (0, 1), got 0.0"),
+    ("data.val_fraction", 1.0, "data.val_fraction: must be in (0, 1), got 1.0"),
+])
+def test_optimizer_and_data_ranges(key, value, fragment):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
+  assert str(e.value) == fragment
+
+
+def test_rules_name_known_logical_axes():
+  cd = tiny.get_config()
+  cd.mesh.rules = tuple(cd.mesh.rules) + (("experts", "expert"),)  # typo of "expert"
+  with pytest.raises(config_lib.ConfigError, match=r"^mesh\.rules\[experts\]: unknown "
+                     r"logical axis 'experts' \(known: batch, "):
+    config_lib.validate(cd, vocab_size=259)
+
+
+def test_every_parameter_logical_axis_is_known():
+  """LOGICAL_AXES cannot go stale: every name a parameter carries is in it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from moex.model import decoder  # pylint: disable=g-import-not-at-top
+  # Imported as the trainer does: it turns off flax's eager sharding, which needs a mesh.
+  from moex.train import state as _  # pylint: disable=g-import-not-at-top,unused-import
+
+  cd = tiny.get_config()
+  cd.model.num_layers, cd.model.first_dense_layers = 2, 1  # a dense block and an MoE one
+  cd.moe.router, cd.moe.num_shared_experts = "sigmoid_bias", 1  # router bias, shared expert
+  cfg = config_lib.validate(cd, vocab_size=259)
+  model = nnx.eval_shape(lambda: decoder.Decoder(cfg.model, cfg.moe, nnx.Rngs(0)))
+  variables = jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  names = {n for v in variables for n in (v.get_metadata().get("out_sharding") or ())}
+  names.discard(None)
+  assert {"vocab", "embed", "heads", "kv_heads", "mlp", "expert", "expert_mlp"} <= names
+  assert names <= set(config_lib.LOGICAL_AXES), names - set(config_lib.LOGICAL_AXES)
+
+
+# ---------------------------------------------------------------------------------------
+# MoE defaults: one source, MoEConfig.
+
+
+def test_tiny_moe_section_holds_every_moe_field():
+  """Every MoEConfig field is in the experiment's ConfigDict: --config.moe.KEY=V works."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  fields = [f.name for f in dataclasses.fields(config_lib.MoEConfig)]
+  assert sorted(tiny.get_config().moe.keys()) == sorted(fields)
+
+
+def test_tiny_moe_values_are_pinned():
+  """The tiny experiment's MoE values; changing one moves its trained numbers."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.validate(tiny.get_config(), vocab_size=259)
+  assert dataclasses.asdict(cfg.moe) == dict(
+      num_experts=8, top_k=2, d_expert=256, router="topk_softmax", dispatch="capacity",
+      capacity_factor=1.25, eval_capacity_factor=0.0, min_capacity=4, drop_policy="position",
+      renormalize_after_drop=False, renormalize=False, jitter=0.0, bias_update_rate=1e-3,
+      num_groups=1, topk_groups=1, routed_scaling=1.0, allow_noncausal_routing=False,
+      num_shared_experts=0, d_shared=0, load_balance_weight=1e-2, seq_load_balance_weight=0.0,
+      z_loss_weight=1e-3, aux_reduce="mean", grouped_matmul="auto", ep_buffer_factor=0.0,
+      stats_max_experts=64)
+
+
+def test_every_moe_field_is_documented_in_the_dataclass():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  lines = inspect.getsource(config_lib.MoEConfig).splitlines()
+  for f in dataclasses.fields(config_lib.MoEConfig):
+    line = next(s for s in lines if s.strip().startswith(f"{f.name}:"))
+    assert "#" in line, f"MoEConfig.{f.name} has no comment"
+
+
+# ---------------------------------------------------------------------------------------
+# Routing checks (moved from tests/moe_balancing_test.py).
+
+
+def _validate(**moe):
+  cd = tiny.get_config()
+  for k, v in moe.items():
+    cd.moe[k] = v
+  return config_lib.validate(cd, vocab_size=259)
+
+
+def test_expert_choice_needs_allow_noncausal_routing():
+  with pytest.raises(config_lib.ConfigError, match=r"^moe\.router: .*allow_noncausal_routing"):
+    _validate(router="expert_choice")
+  assert _validate(router="expert_choice", allow_noncausal_routing=True).moe.router == \
+      "expert_choice"
+
+
+def test_switch_needs_top_k_one():
+  with pytest.raises(config_lib.ConfigError, match=r"^moe\.top_k: "):
+    _validate(router="switch", top_k=2)
+  assert _validate(router="switch", top_k=1).moe.top_k == 1
+
+
+def test_switch_refuses_renormalize():
+  with pytest.raises(config_lib.ConfigError, match=r"^moe\.renormalize: "):
+    _validate(router="switch", top_k=1, renormalize=True)
+
+
+def test_config_accepts_chunked_grouped_matmul():
+  assert _validate(dispatch="dropless", grouped_matmul="chunked").moe.grouped_matmul == \
+      "chunked"

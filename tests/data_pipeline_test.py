@@ -1,15 +1,14 @@
 """Tests for moex/data/pipeline.py."""
 
 import pickle
-import types
 from unittest import mock
 
 import grain
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from moex import config as config_lib
 from moex.data import pipeline
 
 L = 8  # sequence length
@@ -160,16 +159,21 @@ def test_checkpoint_with_state_in_orbax_manager(tmp_path, register_handlers):
   np.testing.assert_array_equal(np.stack(_take(fresh, 40)), np.stack(expected))
 
 
+def _data(**fields) -> config_lib.DataConfig:
+  """The typed view moex.config.validate makes of config.data."""
+  base = dict(source="stdlib", tokenizer="byte", val_fraction=0.05, cache_dir="", seq_len=16,
+              batch_size=4, eval_batches=8)
+  return config_lib.DataConfig(**{**base, **fields})
+
+
 def test_build_end_to_end(tmp_path):
   src = tmp_path / "src"
   for i in range(30):
     (src / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
     (src / f"d{i % 3}" / f"m{i}.py").write_text(f"def f{i}():\n  return {i}\n" * 20)
-  config = ml_collections.ConfigDict(dict(
-      source=f"{src}/**/*.py", val_fraction=0.2, tokenizer="byte",
-      cache_dir=str(tmp_path / "cache"), eval_batches=1000))
-  data = pipeline.build(config, seq_len=16, global_batch_size=4, seed=0,
-                        process_index=1, process_count=2)
+  config = _data(source=f"{src}/**/*.py", val_fraction=0.2, cache_dir=str(tmp_path / "cache"),
+                 seq_len=16, batch_size=4, eval_batches=1000)
+  data = pipeline.build(config, seed=0, process_index=1, process_count=2)
   assert data.tokenizer.name == "byte"
   assert data.train_tokens > 0 and data.val_tokens > 0
   batch = next(data.train_iter)
@@ -182,24 +186,24 @@ def test_build_end_to_end(tmp_path):
   assert data.train_tokens + data.val_tokens == total_bytes + 2 * 30
 
 
-def test_build_accepts_typed_view_with_extra_fields(tmp_path):
+def test_build_reads_seq_len_and_batch_from_the_typed_view(tmp_path):
   src = tmp_path / "src"
   src.mkdir()
   for i in range(6):
     (src / f"m{i}.py").write_text("x = 1\n" * 50)
-  # Like moex.config.DataConfig: attributes, plus fields moex.data ignores.
-  view = types.SimpleNamespace(
-      source=f"{src}/*.py", tokenizer="byte", val_fraction=0.5,
-      cache_dir=str(tmp_path / "cache"), eval_batches=2, seq_len=16,
-      batch_size=4)
-  data = pipeline.build(view, seq_len=16, global_batch_size=4, seed=0)
+  view = _data(source=f"{src}/*.py", val_fraction=0.5, cache_dir=str(tmp_path / "cache"),
+               eval_batches=2, seq_len=16, batch_size=4)
+  data = pipeline.build(view, seed=0)
   assert next(data.train_iter)["tokens"].shape == (4, 17)
 
 
-def test_build_rejects_bad_config(tmp_path):
-  config = ml_collections.ConfigDict(dict(val_fraction=1.5))
-  with pytest.raises(ValueError, match=r"data\.val_fraction"):
-    pipeline.build(config, 16, 4, 0)
-  config = ml_collections.ConfigDict(dict(tokenizer="nope"))
+def test_data_has_one_config_view():
+  """moex.config.DataConfig is the only one: checked once, in moex.config.validate."""
+  import moex.data  # pylint: disable=g-import-not-at-top
+  assert not hasattr(pipeline, "DataConfig")
+  assert not hasattr(moex.data, "DataConfig")
+
+
+def test_build_rejects_unknown_tokenizer(tmp_path):
   with pytest.raises(ValueError, match=r"data\.tokenizer"):
-    pipeline.build(config, 16, 4, 0)
+    pipeline.build(_data(tokenizer="nope"), seed=0)

@@ -101,6 +101,12 @@ def test_split_keeps_both_sides_non_empty(tmp_path):
   assert len(train) == 1 and len(val) == 4
 
 
+def test_split_leaves_the_fraction_range_to_the_config(tmp_path):
+  """moex.config.validate checks data.val_fraction; the split only needs 2 files."""
+  files = _tree(tmp_path, 5)
+  assert [len(s) for s in sources.split_files(files, 1.5)] == [1, 4]
+
+
 def test_split_needs_two_files(tmp_path):
   with pytest.raises(ValueError) as e:
     sources.split_files([_write(tmp_path, "a.py")], 0.1)

@@ -50,6 +50,7 @@ def _a2a(hlo: str) -> int:
 
 def measure(cfg: config_lib.Config, devices) -> dict:
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+  mesh_lib.check_layout(cfg, mesh)
   tx, _ = optimizer.make(cfg.opt, 100)
   model, init_fn = state_lib.build(cfg, tx, mesh)
   state = init_fn(0)

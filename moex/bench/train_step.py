@@ -38,6 +38,7 @@ def bench(cd, steps: int, warmup: int) -> dict:
   cfg = config_lib.validate(cd, vocab_size=tokenizer_lib.get_tokenizer(
       cd.data.tokenizer).vocab_size)
   mesh = mesh_lib.make_mesh(cfg.mesh)
+  mesh_lib.check_layout(cfg, mesh)
   tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
   model, init_fn = state_lib.build(cfg, tx, mesh)
   state = init_fn(cfg.seed)

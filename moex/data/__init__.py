@@ -5,7 +5,6 @@ from moex.data.pipeline import Data
 from moex.data.pipeline import data_checkpoint_handler
 from moex.data.pipeline import data_restore_args
 from moex.data.pipeline import data_save_args
-from moex.data.pipeline import DataConfig
 from moex.data.pipeline import eval_batches
 from moex.data.pipeline import PackedWindows
 from moex.data.pipeline import train_iterator

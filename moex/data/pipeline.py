@@ -27,12 +27,12 @@ own `data/process_{i}-of-{n}.json`; restoring needs the same process count.
 """
 
 import dataclasses
-from typing import Any
 
 from absl import logging
 import grain
 import numpy as np
 
+from moex import config as config_lib
 from moex.data import sources
 from moex.data import tokenizer as tokenizer_lib
 
@@ -162,34 +162,6 @@ def eval_batches(
   return batches
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Typed, checked view of config.data."""
-
-  source: str = "stdlib"
-  val_fraction: float = 0.05
-  tokenizer: str = "byte"
-  cache_dir: str = ""
-  eval_batches: int = 8
-
-  @classmethod
-  def from_config(cls, config_data: Any) -> "DataConfig":
-    """Reads config.data (a ConfigDict or moex.config.DataConfig) and checks it."""
-    # getattr, not keys(): both the ConfigDict and the typed view work, and
-    # fields the trainer keeps under config.data (seq_len, ...) are ignored.
-    cfg = cls(**{
-        f.name: getattr(config_data, f.name, f.default)
-        for f in dataclasses.fields(cls)
-    })
-    if not 0.0 < cfg.val_fraction < 1.0:
-      raise ValueError(
-          f"data.val_fraction: must be in (0, 1), got {cfg.val_fraction}"
-      )
-    if cfg.eval_batches < 1:
-      raise ValueError(f"data.eval_batches: must be >= 1, got {cfg.eval_batches}")
-    return cfg
-
-
 @dataclasses.dataclass
 class Data:
   """Everything the trainer needs from the data side."""
@@ -202,21 +174,17 @@ class Data:
 
 
 def build(
-    config_data: Any,
-    seq_len: int,
-    global_batch_size: int,
+    cfg: config_lib.DataConfig,
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Data:
-  """Resolves, splits, tokenizes (cached) and wraps config.data for training."""
-  cfg = DataConfig.from_config(config_data)
-  if global_batch_size % process_count:
-    raise ValueError(
-        f"data.batch_size: global batch {global_batch_size} is not divisible by"
-        f" {process_count} processes"
-    )
-  batch_per_process = global_batch_size // process_count
+  """Resolves, splits, tokenizes (cached) and wraps config.data for training.
+
+  `cfg` is validated (moex.config.validate) and its batch divides over the processes
+  (moex.parallel.mesh.check_layout); what is left to fail here are facts of the data.
+  """
+  batch_per_process = cfg.batch_size // process_count
   tok = tokenizer_lib.get_tokenizer(cfg.tokenizer)
   files = sources.resolve_files(cfg.source)
   train_files, val_files = sources.split_files(files, cfg.val_fraction)
@@ -228,11 +196,11 @@ def build(
   val_tokens = sources.tokenized_array(val_files, tok, cfg.cache_dir, "val")
   return Data(
       train_iter=train_iterator(
-          train_tokens, seq_len, batch_per_process, seed,
+          train_tokens, cfg.seq_len, batch_per_process, seed,
           process_index, process_count,
       ),
       eval_batches=eval_batches(
-          val_tokens, seq_len, batch_per_process, cfg.eval_batches,
+          val_tokens, cfg.seq_len, batch_per_process, cfg.eval_batches,
           process_index, process_count,
       ),
       tokenizer=tok,

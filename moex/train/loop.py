@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
@@ -28,39 +29,16 @@ from moex.train import checkpoint, flops, optimizer, state as state_lib, step as
 from moex.train import writers
 
 
-def prepare(cd: ml_collections.ConfigDict) -> config_lib.Config:
-  """Validates the config (vocab size from the tokenizer) and the device layout."""
+def prepare(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
+  """Validates the config (vocab size from the tokenizer); builds and checks the mesh."""
   try:
     tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  ranks = sharding.split_size("expert", cfg.mesh.rules, mesh)
-  if cfg.moe.num_experts % ranks:
-    raise config_lib.ConfigError(
-        f"moe.num_experts: {cfg.moe.num_experts} experts do not divide over the {ranks} "
-        "expert-parallel ranks of the mesh")
-  tensor = sharding.split_size("expert_mlp", cfg.mesh.rules, mesh)
-  if cfg.moe.d_expert % tensor:
-    raise config_lib.ConfigError(
-        f"moe.d_expert: {cfg.moe.d_expert} does not divide over the {tensor}-way split of "
-        "each expert's hidden width (mesh.rules expert_mlp)")
-  shards = sharding.batch_shards(cfg.mesh.rules, mesh)
-  if cfg.data.batch_size % shards:
-    raise config_lib.ConfigError(
-        f"data.batch_size: {cfg.data.batch_size} is not divisible by the {shards} batch "
-        "shards of the mesh")
-  if (cfg.data.batch_size // cfg.train.grad_accum_steps) % shards:
-    raise config_lib.ConfigError(
-        f"train.grad_accum_steps: micro-batches of {cfg.data.batch_size} / "
-        f"{cfg.train.grad_accum_steps} sequences do not divide over the {shards} batch "
-        "shards of the mesh")
-  if cfg.data.batch_size % jax.process_count():
-    raise config_lib.ConfigError(
-        f"data.batch_size: {cfg.data.batch_size} is not divisible by "
-        f"{jax.process_count()} processes")
-  return cfg
+  mesh_lib.check_layout(cfg, mesh)
+  return cfg, mesh
 
 
 class _StopFlag:
@@ -109,13 +87,11 @@ def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str,
   `max_steps` bounds the steps taken by this call (a time-sliced job): it checkpoints and
   returns early, and the next call with the same workdir continues.
   """
-  cfg = prepare(cd)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
+  cfg, mesh = prepare(cd)
   logging.info("mesh: %s over %d devices (%s), %d processes", dict(mesh.shape),
                mesh.devices.size, jax.default_backend(), jax.process_count())
   try:
-    data = pipeline.build(cfg.data, cfg.data.seq_len, cfg.data.batch_size, cfg.seed,
-                          jax.process_index(), jax.process_count())
+    data = pipeline.build(cfg.data, cfg.seed, jax.process_index(), jax.process_count())
   except ValueError as e:  # e.g. a split too small for one batch: the message names the key
     raise config_lib.ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
