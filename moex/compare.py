@@ -34,22 +34,25 @@ def eval_curve(workdir: str) -> dict[int, float]:
 
 
 def _nanmean(values) -> float:
-  return report._nan_reduce(np.nanmean, values)
+  return report.nan_reduce(np.nanmean, values)
 
 
 def routing_series(run: report.Run, field: str, reduce=_nanmean) -> tuple[np.ndarray,
                                                                           np.ndarray]:
   """(steps, field reduced over MoE layers) of the train windows."""
   by_step: dict[int, list[float]] = {}
-  for r in report._split(run.moe, "train"):
-    by_step.setdefault(r["step"], []).append(report._num(r.get(field)))
+  for r in report.split(run.moe, "train"):
+    by_step.setdefault(r["step"], []).append(report.num(r.get(field)))
   steps = np.array(sorted(by_step))
   return steps, np.array([reduce(np.asarray(by_step[s])) for s in steps])
 
 
-def _dead_count(r: dict) -> int:
-  """Experts of the record's layer with no assignment in its window."""
-  return sum(1 for n in r["expert_load"] if n == 0)
+def dead_by_step(run: report.Run) -> dict[int, int]:
+  """step -> dead (layer, expert) pairs summed over MoE layers, train windows in step order."""
+  dead: dict[int, int] = {}
+  for r in report.split(run.moe, "train"):
+    dead[r["step"]] = dead.get(r["step"], 0) + report.dead_count(r)
+  return dead
 
 
 def summarize(workdir: str) -> dict:
@@ -62,23 +65,21 @@ def summarize(workdir: str) -> dict:
   cf_for_1pct: max over layers of moex.report's recommendation for a 1% drop target.
   """
   run = report.load_run(workdir)
-  evals = report._split(run.metrics, "eval")
-  trains = report._split(run.metrics, "train")
-  tps = report._nan_reduce(np.nanmedian, [report._num(r.get("tokens_per_sec"))
-                                          for r in trains])
+  evals = report.split(run.metrics, "eval")
+  trains = report.split(run.metrics, "train")
+  tps = report.nan_reduce(np.nanmedian, [report.num(r.get("tokens_per_sec"))
+                                         for r in trains])
   out = {"workdir": workdir, "steps": evals[-1]["step"] if evals else None,
          "eval_loss": evals[-1].get("loss") if evals else None,
          "eval_bpb": evals[-1].get("bits_per_byte") if evals else None,
          "tokens_per_sec": None if math.isnan(tps) else tps}
-  train_moe = report._split(run.moe, "train")
+  train_moe = report.split(run.moe, "train")
   if not train_moe:
     return out
   steps, drop = routing_series(run, "dropped_fraction")
   _, needed = routing_series(run, "needed_capacity_factor")
   _, churn = routing_series(run, "routing_churn")
-  dead = {}
-  for r in train_moe:
-    dead[r["step"]] = dead.get(r["step"], 0) + _dead_count(r)
+  dead = dead_by_step(run)
   late = [n for s, n in dead.items() if s >= 0.1 * steps[-1]]
   rec = [r["recommended_cf"] for r in report.recommend(run, TARGET_DROP, 20)]
   out.update({
@@ -158,7 +159,7 @@ def plot(curves: dict[str, dict[int, float]], out: str) -> None:
 def plot_routing(runs: dict[str, report.Run], out: str) -> bool:
   """Needed capacity factor, dropped fraction and dead experts over steps; False if no run
   has MoE statistics."""
-  runs = {k: r for k, r in runs.items() if report._split(r.moe, "train")}
+  runs = {k: r for k, r in runs.items() if report.split(r.moe, "train")}
   if not runs:
     return False
   fig, axes = _figure(3, 4.8)
@@ -171,11 +172,8 @@ def plot_routing(runs: dict[str, report.Run], out: str) -> bool:
       axes[0].axhline(cf, color=color, ls=":", lw=1)
     steps, drop = routing_series(run, "dropped_fraction")
     axes[1].plot(steps, drop, color=color, label=label)
-    by_step = {}
-    for r in report._split(run.moe, "train"):
-      by_step[r["step"]] = by_step.get(r["step"], 0) + _dead_count(r)
-    axes[2].plot(sorted(by_step), [by_step[s] for s in sorted(by_step)], color=color,
-                 label=label)
+    dead = dead_by_step(run)
+    axes[2].plot(list(dead), list(dead.values()), color=color, label=label)
   axes[0].set(xlabel="step", ylabel="capacity factor",
               title="Needed capacity factor (mean over layers)")
   axes[1].set(xlabel="step", ylabel="fraction", title="Dropped in training (mean over layers)")

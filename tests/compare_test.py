@@ -31,12 +31,12 @@ def test_table_and_plot(tmp_path):
 
 
 def test_summary_and_routing_figure_of_moe_runs(tmp_path):
-  from report_test import _write_workdir  # the hand-written 2-layer workdir (E=4, K=2)
+  from report_workdir import write_workdir  # the hand-written workdir (E=4, K=2)
 
   (tmp_path / "cap").mkdir()
   (tmp_path / "free").mkdir()
-  cap = _write_workdir(tmp_path / "cap")
-  free = _write_workdir(tmp_path / "free", cf=None, torn=False)
+  cap = write_workdir(tmp_path / "cap")
+  free = write_workdir(tmp_path / "free", cf=None, torn=False)
   s = compare.summarize(cap)
   assert s["eval_bpb"] == 3.0 and s["steps"] == 30 and s["capacity_factor"] == 1.25
   # Layer 0 keeps all 80 of its assignments, layer 1 drops 5/80 (steps 10, 20) and
@@ -66,3 +66,16 @@ def test_seed_figure_is_written(tmp_path):
   curves = {"a": [{0: 5.0, 10: 3.0}, {0: 5.5, 10: 3.2}], "b": [{0: 5.0, 10: 2.9}]}
   compare.plot_seeds(curves, str(tmp_path / "s.png"))
   assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_summary_and_routing_figure_of_a_run_with_many_experts(many_experts_workdir, tmp_path):
+  """E=256: expert_load is a summary and dead_experts a count; both still reach the table."""
+  lines = [json.loads(line) for line in open(f"{many_experts_workdir}/moe_stats.jsonl")]
+  last = [r for r in lines if r["split"] == "train" and r["step"] == 4]
+  s = compare.summarize(many_experts_workdir)
+  assert s["steps"] == 4 and s["capacity_factor"] == 1.25
+  assert s["dead_experts"] == sum(r["dead_experts"]["count"] for r in last)
+  assert s["cf_for_1pct"] is None or s["cf_for_1pct"] >= 1.0
+  md = compare.compare([many_experts_workdir], ["e256"], str(tmp_path / "c.png"))
+  assert "| e256 |" in md and "dead experts (end)" in md
+  assert (tmp_path / "c_routing.png").stat().st_size > 1000

@@ -10,10 +10,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ is not a package on the install path.
 
 
-@pytest.fixture
-def corpus(tmp_path) -> str:
-  """A handful of Python-like files; returns a glob for config.data.source."""
-  d = tmp_path / "corpus"
+def _write_corpus(d: pathlib.Path) -> str:
+  """A handful of Python-like files in d; returns a glob for config.data.source."""
   d.mkdir()
   for i in range(12):
     lines = [f"def f_{i}_{j}(x):\n    return x * {j} + {i}  # item {i}.{j}\n" for j in range(40)]
@@ -21,8 +19,7 @@ def corpus(tmp_path) -> str:
   return str(d / "*.py")
 
 
-@pytest.fixture
-def tiny_config(corpus, tmp_path):
+def _tiny(corpus: str, cache_dir: str):
   """experiments/tiny.py shrunk to run a step in well under a second on one CPU."""
   from experiments import tiny
 
@@ -36,7 +33,7 @@ def tiny_config(corpus, tmp_path):
   c.moe.num_experts = 4
   c.moe.d_expert = 32
   c.data.source = corpus
-  c.data.cache_dir = str(tmp_path / "cache")
+  c.data.cache_dir = cache_dir
   c.data.seq_len = 32
   c.data.batch_size = 4
   c.data.eval_batches = 2
@@ -48,6 +45,39 @@ def tiny_config(corpus, tmp_path):
   c.train.checkpoint_every = 3
   c.train.async_checkpointing = False
   return c
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+  """A handful of Python-like files; returns a glob for config.data.source."""
+  return _write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def tiny_config(corpus, tmp_path):
+  """experiments/tiny.py shrunk to run a step in well under a second on one CPU."""
+  return _tiny(corpus, str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def many_experts_workdir(tmp_path_factory) -> str:
+  """A real 4-step run with E=256, K=8 (above moe.stats_max_experts: per-expert lists are
+  written as summaries), trained once per session for the report/compare/sweep tests."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from moex.train import loop  # pylint: disable=g-import-not-at-top
+
+  tmp = tmp_path_factory.mktemp("many_experts")
+  c = _tiny(_write_corpus(tmp / "corpus"), str(tmp / "cache"))
+  c.moe.num_experts = 256
+  c.moe.top_k = 8
+  c.moe.d_expert = 8
+  c.train.steps = 4
+  c.train.log_every = 2
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 4
+  workdir = str(tmp / "workdir")
+  loop.train_and_evaluate(c, workdir)
+  return workdir
 
 
 @pytest.fixture(autouse=True)

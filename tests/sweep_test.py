@@ -2,10 +2,11 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
-from report_test import _write_workdir
+from report_workdir import write_workdir
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIG = '''
@@ -31,7 +32,7 @@ def _sweep(tmp_path, *args):
 def test_finished_variants_are_summarized_not_rerun(tmp_path):
   for v in ("a", "b"):
     os.makedirs(tmp_path / "root" / v)
-    _write_workdir(tmp_path / "root" / v, torn=False)
+    write_workdir(tmp_path / "root" / v, torn=False)
   r = _sweep(tmp_path)
   assert r.returncode == 0, r.stderr
   assert "already finished" in r.stderr and "moex.main" not in r.stderr
@@ -52,9 +53,9 @@ def test_failed_variant_stops_the_sweep_naming_its_log(tmp_path):
 def test_replicate_seeds_train_in_their_own_workdirs(tmp_path):
   for v in ("a", "b"):
     os.makedirs(tmp_path / "root" / v)
-    _write_workdir(tmp_path / "root" / v, torn=False)
+    write_workdir(tmp_path / "root" / v, torn=False)
   os.makedirs(tmp_path / "root" / "seed7" / "a")
-  _write_workdir(tmp_path / "root" / "seed7" / "a", torn=False)
+  write_workdir(tmp_path / "root" / "seed7" / "a", torn=False)
   r = _sweep(tmp_path, "--seeds=7")  # seed 7 of b is missing: its (broken) run is started
   assert r.returncode != 0
   log = tmp_path / "root" / "seed7" / "b.log"
@@ -65,7 +66,7 @@ def test_replicate_seeds_train_in_their_own_workdirs(tmp_path):
 def test_replicate_seeds_are_summarized_over_seeds(tmp_path):
   for d in ("a", "b", "seed7/a", "seed7/b"):
     os.makedirs(tmp_path / "root" / d)
-    _write_workdir(tmp_path / "root" / d, torn=False)
+    write_workdir(tmp_path / "root" / d, torn=False)
   r = _sweep(tmp_path, "--seeds=7")
   assert r.returncode == 0, r.stderr
   summary = (tmp_path / "root" / "summary.md").read_text()
@@ -96,3 +97,19 @@ def test_trains_times_and_summarizes_a_variant(tiny_config, tmp_path):
   assert "| dropless |" in summary and "Train step timed back to back" in summary
   assert (tmp_path / "root" / "bench.json").exists()
   assert "final validation" in (tmp_path / "root" / "dropless.log").read_text()
+
+
+def test_summarizes_a_run_with_many_experts(many_experts_workdir, tmp_path):
+  """A finished E=256 variant (summarized per-expert lists) gets its row and routing figure."""
+  (tmp_path / "root" / "a").mkdir(parents=True)
+  for name in ("metrics.jsonl", "moe_stats.jsonl", "config.json"):
+    shutil.copy(os.path.join(many_experts_workdir, name), tmp_path / "root" / "a")
+  (tmp_path / "exp.py").write_text(CONFIG.replace("30", "4").replace('("a", "b")', '("a",)'))
+  r = subprocess.run(
+      [sys.executable, "-m", "moex.sweep", f"--config={tmp_path / 'exp.py'}",
+       f"--root={tmp_path / 'root'}", "--bench_steps=0"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = (tmp_path / "root" / "summary.md").read_text()
+  assert "| a |" in summary and "dead experts (end)" in summary, summary
+  assert (tmp_path / "root" / "sweep_routing.png").stat().st_size > 1000
