@@ -198,3 +198,17 @@ def test_switch_refuses_renormalize():
 def test_config_accepts_chunked_grouped_matmul():
   assert _validate(dispatch="dropless", grouped_matmul="chunked").moe.grouped_matmul == \
       "chunked"
+
+
+def test_capacity_arithmetic_and_min_capacity():
+  cap = lambda s, k, e, cf, m: config_lib.MoEConfig(
+      num_experts=e, top_k=k, min_capacity=m).capacity(s, cf)
+  assert cap(8, 2, 4, 1.0, 0) == 4  # ceil(1.0 * 8 * 2 / 4)
+  assert cap(8, 2, 4, 1.25, 0) == 5
+  assert cap(8, 2, 4, 0.01, 0) == 1  # never below 1 when anything is routed
+  assert cap(8, 2, 4, 0.01, 3) == 3  # min_capacity wins
+  assert cap(8, 2, 4, 2.0, 3) == 8  # ... only when larger
+  assert cap(3, 2, 8, 1.0, 4) == 4  # ceil(0.75) = 1 < 4
+  # The module-level formula is the same one (moex.report recomputes capacities with it).
+  assert config_lib.capacity(1.25, 8, 2, 4, 0) == 5
+  assert config_lib.capacity(0.01, 8, 2, 4, 3) == 3

@@ -172,8 +172,8 @@ def _tokens_x(i: int) -> jax.Array:
 def _forward(graphdef, params, buffers, x, train=True):
   """moex/train/step.py forward(): merge, run, read back the non-Param state."""
   model = nnx.merge(graphdef, params, buffers)
-  _, s = model(x, train=train)
-  return s["expert_load"], nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+  _, out = model(x, train=train)
+  return out.stats["expert_load"], nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
 
 def _split(block):

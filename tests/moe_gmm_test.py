@@ -97,7 +97,7 @@ def test_tiled_layout_bound_and_placement(e, m, tile):
   def run(sizes_E):
     layout = gmm.TiledLayout(sizes_E, m, tile)
     static["num_tiles"] = layout.num_tiles  # a Python int, fixed at trace time
-    return layout.padded_pos_M, layout.tile_group_N, layout.pad(jnp.ones((m, 2), jnp.float32))
+    return layout.padded_pos_M, layout.tile_group_Z, layout.pad(jnp.ones((m, 2), jnp.float32))
 
   rng = np.random.default_rng(4)
   for trial in range(6):
@@ -106,18 +106,18 @@ def test_tiled_layout_bound_and_placement(e, m, tile):
       sizes[-1] = m  # everything in the last group
     else:
       sizes = np.bincount(rng.integers(0, e, size=m), minlength=e)
-    pos_M, tile_group_N, padded = run(jnp.asarray(sizes, jnp.int32))
+    pos_M, tile_group_Z, padded = run(jnp.asarray(sizes, jnp.int32))
     num_tiles = static["num_tiles"]
     used = int(sum(math.ceil(n / tile) for n in sizes))
     assert num_tiles == math.ceil(m / tile) + e
     assert used <= num_tiles, (sizes, tile)
-    pos_M, tile_group_N = np.asarray(pos_M), np.asarray(tile_group_N)
-    assert tile_group_N.shape == (num_tiles,)
+    pos_M, tile_group_Z = np.asarray(pos_M), np.asarray(tile_group_Z)
+    assert tile_group_Z.shape == (num_tiles,)
     assert len(set(pos_M.tolist())) == m  # no two rows share a slot
     assert np.all((pos_M >= 0) & (pos_M < num_tiles * tile))
     # Each row lands in a tile of its own group.
-    np.testing.assert_array_equal(tile_group_N[pos_M // tile], np.repeat(np.arange(e), sizes))
-    assert np.all(tile_group_N[used:] == 0)  # unused trailing tiles point at group 0
+    np.testing.assert_array_equal(tile_group_Z[pos_M // tile], np.repeat(np.arange(e), sizes))
+    assert np.all(tile_group_Z[used:] == 0)  # unused trailing tiles point at group 0
     assert float(np.asarray(padded).sum()) == 2 * m  # padding rows are zero
 
 

@@ -524,20 +524,6 @@ def test_shared_expert_width():
   assert widths(dataclasses.replace(moe, num_shared_experts=0)).shared is None
 
 
-# The capacity formula (moex/config.py; belongs in config_test.py).
-
-
-def test_capacity_arithmetic_and_min_capacity():
-  cap = lambda s, k, e, cf, m: config.MoEConfig(
-      num_experts=e, top_k=k, min_capacity=m).capacity(s, cf)
-  assert cap(8, 2, 4, 1.0, 0) == 4  # ceil(1.0 * 8 * 2 / 4)
-  assert cap(8, 2, 4, 1.25, 0) == 5
-  assert cap(8, 2, 4, 0.01, 0) == 1  # never below 1 when anything is routed
-  assert cap(8, 2, 4, 0.01, 3) == 3  # min_capacity wins
-  assert cap(8, 2, 4, 2.0, 3) == 8  # ... only when larger
-  assert cap(3, 2, 8, 1.0, 4) == 4  # ceil(0.75) = 1 < 4
-
-
 # Executed FLOPs of each dispatch path and grouped-matmul backend against the work that
 # must be done: XLA's cost analysis of MoEBlock's compiled forward, divided by the analytic
 # 6*T*K*D*F (three expert matmuls per assignment) + 2*T*D*E (router), as

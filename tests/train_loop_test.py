@@ -94,3 +94,26 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
   with pytest.raises(FloatingPointError, match="Last good checkpoint: step 3"):
     loop.train_and_evaluate(tiny_config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+
+
+def test_expert_choice_lines_say_what_ran(tiny_config, tmp_path):
+  """Expert choice is capacity-bound in training and evaluation alike: every line carries
+  the capacity the layer ran with (it once said dropless, capacity null, on eval lines)."""
+  c = tiny_config
+  c.moe.router, c.moe.allow_noncausal_routing = "expert_choice", True
+  c.moe.capacity_factor, c.moe.eval_capacity_factor = 1.0, 0.5
+  c.train.steps, c.train.eval_every = 2, 2
+  workdir = str(tmp_path / "ec")
+  loop.train_and_evaluate(c, workdir)
+  lines = _lines(workdir, "moe_stats.jsonl")
+  cap = {"train": (1.0, 16), "eval": (0.5, 8)}  # ceil(cf * 32 * 2 / 4), min_capacity 4
+  assert {r["split"] for r in lines} == {"train", "eval"}
+  for r in lines:
+    assert r["dispatch"] == "expert_choice", r
+    assert (r["capacity_factor"], r["capacity"]) == cap[r["split"]], r
+    assert r["tokens_per_group"] == 32 and r["min_capacity"] == c.moe.min_capacity
+    # Each expert fills its C slots in every sequence of the window, and keeps them.
+    assert r["expert_kept"] == r["expert_load"]
+    assert len(set(r["expert_load"])) == 1 and r["expert_load"][0] % r["capacity"] == 0
+  train = [r for r in lines if r["split"] == "train"]
+  assert train[0]["expert_load"] == [4 * 16] * 4  # batch 4 (log_every 1) x C 16

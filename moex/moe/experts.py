@@ -48,8 +48,8 @@ def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
   if backend == "tiled":  # Pad once; all three matmuls run in the tiled layout.
     layout = gmm.TiledLayout(group_sizes_E, x_MxD.shape[0],
                              gmm.default_tile(x_MxD.shape[0], w.gate_ExDxF.shape[0]))
-    x_ZxYxD = layout.pad(x_MxD)
-    h = jax.nn.silu(layout.matmul(x_ZxYxD, w.gate_ExDxF)) * layout.matmul(x_ZxYxD, w.up_ExDxF)
+    x_ZxPxD = layout.pad(x_MxD)
+    h = jax.nn.silu(layout.matmul(x_ZxPxD, w.gate_ExDxF)) * layout.matmul(x_ZxPxD, w.up_ExDxF)
     return layout.unpad(layout.matmul(h, w.down_ExFxD))
   g = gmm.grouped_matmul(x_MxD, w.gate_ExDxF, group_sizes_E, backend)
   u = gmm.grouped_matmul(x_MxD, w.up_ExDxF, group_sizes_E, backend)

@@ -96,14 +96,14 @@ class TiledLayout:
     buf = buf.at[self.padded_pos_M].set(x_MxD, unique_indices=True)
     return buf.reshape(self.num_tiles, self.tile, d)
 
-  def unpad(self, y_ZxYxF: jax.Array) -> jax.Array:
+  def unpad(self, y_ZxPxF: jax.Array) -> jax.Array:
     """Back from the tile-padded layout to the sorted rows [M, F]."""
-    return jnp.take(y_ZxYxF.reshape(-1, y_ZxYxF.shape[-1]), self.padded_pos_M, axis=0)
+    return jnp.take(y_ZxPxF.reshape(-1, y_ZxPxF.shape[-1]), self.padded_pos_M, axis=0)
 
-  def matmul(self, x_ZxYxD: jax.Array, w_ExDxF: jax.Array) -> jax.Array:
+  def matmul(self, x_ZxPxD: jax.Array, w_ExDxF: jax.Array) -> jax.Array:
     """Each tile times its group's weight: [N, tile, F]."""
     w_ZxDxF = jnp.take(w_ExDxF, self.tile_group_Z, axis=0)
-    return jnp.einsum("ntd,ndf->ntf", x_ZxYxD, w_ZxDxF)
+    return jnp.einsum("ntd,ndf->ntf", x_ZxPxD, w_ZxDxF)
 
 
 def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Array,
@@ -182,12 +182,12 @@ def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int):
   starts_E, ends_E = _bounds(group_sizes_E)
   x_pad = jnp.concatenate([x_MxD, jnp.zeros((chunk, d), x_MxD.dtype)])
   dy_pad = jnp.concatenate([dy_MxF, jnp.zeros((chunk, f), dy_MxF.dtype)])
-  rows_Y = jnp.arange(chunk)
+  rows_P = jnp.arange(chunk)
 
   def per_group(e, dw):
     def per_chunk(j, acc):
       r = starts_E[e] + j * chunk
-      mine = (r + rows_Y < ends_E[e])[:, None]  # rows past the group's end belong to others
+      mine = (r + rows_P < ends_E[e])[:, None]  # rows past the group's end belong to others
       x_c = jnp.where(mine, jax.lax.dynamic_slice(x_pad, (r, 0), (chunk, d)), 0)
       dy_c = jax.lax.dynamic_slice(dy_pad, (r, 0), (chunk, f))
       return acc + x_c.T @ dy_c

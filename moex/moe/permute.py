@@ -5,8 +5,8 @@ is a scatter-add, which XLA:CPU runs as a serial loop. Here every gather carries
 inverse map, so the backward gathers the cotangent rows back and sums them (MaxText's
 permute/unpermute custom VJP does the same).
 
-`take_rows(x [N, D], index [M], inverse [N, J])`: out[m] = x[index[m]] (zero when
-index[m] == N). `inverse[n]` lists the J (or fewer; padded with M) positions m where
+`take_rows(x [R, D], index [M], inverse [R, J])`: out[m] = x[index[m]] (zero when
+index[m] == R). `inverse[n]` lists the J (or fewer; padded with M) positions m where
 index[m] == n; the backward is dx[n] = sum_j dout[inverse[n, j]].
 """
 
@@ -16,19 +16,19 @@ import jax
 import jax.numpy as jnp
 
 
-def _pad_row(x_NxD: jax.Array) -> jax.Array:
-  return jnp.concatenate([x_NxD, jnp.zeros((1,) + x_NxD.shape[1:], x_NxD.dtype)], axis=0)
+def _pad_row(x_RxD: jax.Array) -> jax.Array:
+  return jnp.concatenate([x_RxD, jnp.zeros((1,) + x_RxD.shape[1:], x_RxD.dtype)], axis=0)
 
 
-def _gather_sum(x_NxD: jax.Array, index_MxJ: jax.Array) -> jax.Array:
-  """out[m] = sum_j x[index[m, j]], with index N meaning a zero row."""
-  rows_MxJxD = jnp.take(_pad_row(x_NxD), index_MxJ, axis=0)
+def _gather_sum(x_RxD: jax.Array, index_MxJ: jax.Array) -> jax.Array:
+  """out[m] = sum_j x[index[m, j]], with index R meaning a zero row."""
+  rows_MxJxD = jnp.take(_pad_row(x_RxD), index_MxJ, axis=0)
   return jnp.sum(rows_MxJxD, axis=1)
 
 
 @jax.custom_vjp
-def take_rows(x_NxD: jax.Array, index_M: jax.Array, inverse_NxJ: jax.Array) -> jax.Array:
-  return jnp.take(_pad_row(x_NxD), index_M, axis=0)
+def take_rows(x_RxD: jax.Array, index_M: jax.Array, inverse_RxJ: jax.Array) -> jax.Array:
+  return jnp.take(_pad_row(x_RxD), index_M, axis=0)
 
 
 def varying_axes(x) -> frozenset:
@@ -46,22 +46,22 @@ def like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
   return jax.lax.psum(ct, extra) if extra else ct
 
 
-def _fwd(x_NxD, index_M, inverse_NxJ):
+def _fwd(x_RxD, index_M, inverse_RxJ):
   # x[:0] keeps only x's type (its mesh-axis variance) for the backward pass.
-  return take_rows(x_NxD, index_M, inverse_NxJ), (index_M, inverse_NxJ, x_NxD[:0])
+  return take_rows(x_RxD, index_M, inverse_RxJ), (index_M, inverse_RxJ, x_RxD[:0])
 
 
 def _bwd(res, dout_MxD):
-  index_M, inverse_NxJ, x_type = res
-  dx_NxD = _gather_sum(dout_MxD, inverse_NxJ)
-  return like_primal(dx_NxD, x_type), None, None
+  index_M, inverse_RxJ, x_type = res
+  dx_RxD = _gather_sum(dout_MxD, inverse_RxJ)
+  return like_primal(dx_RxD, x_type), None, None
 
 
 take_rows.defvjp(_fwd, _bwd)
 
 
 def inverse_of(index_M: jax.Array, num_sources: int, fanout: int) -> jax.Array:
-  """The [N, fanout] inverse of `index_M` for `take_rows` (M pads empty entries).
+  """The [R, fanout] inverse of `index_M` for `take_rows` (M pads empty entries).
 
   Positions mapping to each source n are listed in increasing order; `fanout` must bound
   how many positions share a source. Built with one sort, not a scatter loop.
@@ -69,8 +69,8 @@ def inverse_of(index_M: jax.Array, num_sources: int, fanout: int) -> jax.Array:
   m = index_M.shape[0]
   order_M = jnp.argsort(index_M, stable=True)
   sorted_src_M = index_M[order_M]
-  first_N = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="left")
-  count_N = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="right") - first_N
+  first_R = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="left")
+  count_R = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="right") - first_R
   j_J = jnp.arange(fanout)
-  pos_NxJ = jnp.minimum(first_N[:, None] + j_J, m - 1)
-  return jnp.where(j_J < count_N[:, None], order_M[pos_NxJ], m).astype(jnp.int32)
+  pos_RxJ = jnp.minimum(first_R[:, None] + j_J, m - 1)
+  return jnp.where(j_J < count_R[:, None], order_M[pos_RxJ], m).astype(jnp.int32)

@@ -17,7 +17,7 @@ the per-expert token lists [G, E, C] instead, which only its dispatch path reads
 | sigmoid_bias  | top-k of sigmoid + bias, in the best topk_groups of num_groups groups | sigmoid score / sum of chosen scores * routed_scaling | DeepSeek-V3 (2024), aux-loss-free balancing (Wang et al. 2024) |
 | hash          | k consecutive experts from a hash of the token id | 1/k            | Hash layers (Roller et al. 2021) |
 | random        | k experts uniformly at random       | 1/k                              | baseline |
-| expert_choice | each expert its top-C tokens of the group | that token's probability   | Expert choice (Zhou et al. 2022) |
+| expert_choice | each expert: its top-C tokens | their probability | Zhou et al. 2022 |
 """
 
 from __future__ import annotations

@@ -50,35 +50,35 @@ def no_estimate(record: dict, config: dict) -> str | None:
   return None
 
 
-def capacities(cf_G: np.ndarray, tokens_per_group: int, top_k: int, num_experts: int,
+def capacities(cf_Y: np.ndarray, tokens_per_group: int, top_k: int, num_experts: int,
                min_capacity: int) -> np.ndarray:
-  """Per-expert rows per sequence at each factor [G] (moex.config.capacity)."""
+  """Per-expert rows per sequence at each factor [Y] (moex.config.capacity)."""
   return np.array([config_lib.capacity(float(cf), tokens_per_group, top_k, num_experts,
-                                       min_capacity) for cf in cf_G], np.float64)
+                                       min_capacity) for cf in cf_Y], np.float64)
 
 
-def histogram_drop(hist: dict, capacity_G: np.ndarray) -> np.ndarray:
-  """Dropped fraction of one window at each capacity, from its sequence_load_hist: [G]."""
-  count_B = np.asarray(hist["counts"], np.float64)
-  load_B = np.asarray(hist["load_sums"], np.float64)
-  total = load_B.sum()
+def histogram_drop(hist: dict, capacity_Y: np.ndarray) -> np.ndarray:
+  """Dropped fraction of one window at each capacity, from its sequence_load_hist: [Y]."""
+  count_Q = np.asarray(hist["counts"], np.float64)
+  load_Q = np.asarray(hist["load_sums"], np.float64)
+  total = load_Q.sum()
   if total <= 0:
-    return np.zeros(len(capacity_G))
-  over_GxB = np.maximum(0.0, load_B[None] - count_B[None] * np.asarray(capacity_G)[:, None])
-  return over_GxB.sum(-1) / total
+    return np.zeros(len(capacity_Y))
+  over_YxQ = np.maximum(0.0, load_Q[None] - count_Q[None] * np.asarray(capacity_Y)[:, None])
+  return over_YxQ.sum(-1) / total
 
 
-def drop(record: dict, cf_G: np.ndarray, config: dict) -> np.ndarray:
-  """Dropped fraction of a record's window at each factor: [G] (check no_estimate first)."""
+def drop(record: dict, cf_Y: np.ndarray, config: dict) -> np.ndarray:
+  """Dropped fraction of a record's window at each factor: [Y] (check no_estimate first)."""
   s, min_cap = group_shape(record, config)
-  cap_G = capacities(cf_G, s, record["top_k"], record["num_experts"], min_cap)
-  return histogram_drop(record["sequence_load_hist"], cap_G)
+  cap_Y = capacities(cf_Y, s, record["top_k"], record["num_experts"], min_cap)
+  return histogram_drop(record["sequence_load_hist"], cap_Y)
 
 
-def smallest_cf(drop_GxW: np.ndarray, target: float) -> float | None:
+def smallest_cf(drop_YxW: np.ndarray, target: float) -> float | None:
   """Smallest grid cf with drop <= target in >= 95% of the windows (None: above 8.0)."""
-  ok_GxW = drop_GxW <= target + 1e-12
-  good = np.flatnonzero(ok_GxW.mean(axis=1) >= WINDOW_QUANTILE - 1e-12)
+  ok_YxW = drop_YxW <= target + 1e-12
+  good = np.flatnonzero(ok_YxW.mean(axis=1) >= WINDOW_QUANTILE - 1e-12)
   return float(CF_GRID[good[0]]) if good.size else None
 
 

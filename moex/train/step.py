@@ -19,8 +19,8 @@ from moex.config import Config
 from moex.moe import stats as moe_stats
 
 
-def _reduce_layers(x_L: jax.Array, how: str) -> jax.Array:
-  return jnp.sum(x_L) if how == "sum" else jnp.mean(x_L)
+def _reduce_layers(x_N: jax.Array, how: str) -> jax.Array:
+  return jnp.sum(x_N) if how == "sum" else jnp.mean(x_N)
 
 
 def forward(graphdef, params, buffers, tokens_BxL1: jax.Array, *, train: bool,
