@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from moex import config as config_lib
 from moex.parallel import distributed
-from moex.train import loop
+from moex.train import loop, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -48,11 +48,16 @@ def main(argv):
     sys.exit(f"moex: config error: {e}")
   except FloatingPointError as e:
     sys.exit(f"moex: {e}")
-  final = result["final_eval"]
-  if final is not None:
-    print(f"moex: step {result['step']}: validation {final['bits_per_byte']:.4f} bits per "
-          f"byte, loss {final['loss']:.4f} nats/token; {result['tokens_per_sec']:.0f} tok/s "
-          f"over {result['seconds']:.0f}s", flush=True)
+  except workdir.WorkdirInUse as e:
+    sys.exit(f"moex: {e}")
+  # The latest evaluation with its own step: a stopped run's may be older than its step.
+  ev, step = result["last_eval"], result["step"]
+  stopped = "stopped; re-run to resume. " if result["stopped"] else ""
+  seen = ("no validation yet" if ev is None else
+          f"validation at step {ev['step']}: {ev['bits_per_byte']:.4f} bits per byte, loss "
+          f"{ev['loss']:.4f} nats/token")
+  print(f"moex: step {step}: {stopped}{seen}; {result['tokens_per_sec']:.0f} tok/s over "
+        f"{result['seconds']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,3 +117,38 @@ def test_expert_choice_lines_say_what_ran(tiny_config, tmp_path):
     assert len(set(r["expert_load"])) == 1 and r["expert_load"][0] % r["capacity"] == 0
   train = [r for r in lines if r["split"] == "train"]
   assert train[0]["expert_load"] == [4 * 16] * 4  # batch 4 (log_every 1) x C 16
+
+
+def test_resume_drops_a_torn_last_line(tiny_config, tmp_path, caplog):
+  """A run killed mid-write leaves half a line; resuming must not append onto it."""
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, max_steps=4)  # checkpoint at 4
+  for name in ("metrics.jsonl", "moe_stats.jsonl"):
+    with open(os.path.join(workdir, name), "a") as f:
+      f.write('{"step": 5, "split": "train", "lo')
+  loop.train_and_evaluate(tiny_config, workdir)
+  assert sorted(_train_losses(workdir)) == [1, 2, 3, 4, 5, 6]  # every line parses
+  assert "1 torn lines" in caplog.text
+  assert [r["step"] for r in _lines(workdir, "metrics.jsonl") if r["split"] == "eval"] == [
+      0, 3, 6]
+  stats = _lines(workdir, "moe_stats.jsonl")
+  assert sorted({r["step"] for r in stats if r["split"] == "train"}) == [1, 2, 3, 4, 5, 6]
+
+
+def test_rerun_of_a_finished_run_adds_no_lines(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  first = loop.train_and_evaluate(tiny_config, workdir)
+  before = {n: open(os.path.join(workdir, n)).read() for n in ("metrics.jsonl",
+                                                                "moe_stats.jsonl")}
+  again = loop.train_and_evaluate(tiny_config, workdir)
+  assert {n: open(os.path.join(workdir, n)).read() for n in before} == before
+  assert again["final_eval"]["step"] == 6
+  assert again["final_eval"]["bits_per_byte"] == pytest.approx(
+      first["final_eval"]["bits_per_byte"], rel=1e-5)
+
+
+def test_stopped_run_reports_its_latest_eval_with_its_step(tiny_config, tmp_path):
+  result = loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), max_steps=2)
+  assert result["stopped"] and result["step"] == 2
+  assert result["final_eval"] is None  # no evaluation of step 2
+  assert result["last_eval"]["step"] == 0

@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 import numpy as np
 from absl import logging
+from etils import epath
+
+from moex.train import writers
 
 PROGRESS_LINES = 100_000  # log progress every this many lines read
 PERCENTILES = ("0", "5", "25", "50", "75", "95", "100")  # those of a per-expert summary
@@ -30,27 +33,31 @@ class Run:
   config: dict
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """The JSON objects of a file, skipping (with a warning) lines that do not parse."""
-  if not os.path.exists(path):
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The JSON objects of a log (local or remote, one file or its parts), skipping (with a
+  warning) lines that do not parse."""
+  files = writers.log_files(path)
+  if not files:
     logging.warning("%s: missing", path)
     return []
-  out = []
-  with open(path) as f:
-    for n, line in enumerate(f, start=1):
-      if n % PROGRESS_LINES == 0:
-        logging.info("%s: read %d lines", path, n)
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except ValueError:
-        rec = None
-      if not isinstance(rec, dict) or "step" not in rec or "split" not in rec:
-        torn = "" if line.endswith("\n") else " (torn last line: still being written?)"
-        logging.warning("%s:%d: skipping a bad JSON line%s", path, n, torn)
-        continue
-      out.append(rec)
+  out, total = [], 0
+  for file in files:
+    with file.open() as f:
+      for n, line in enumerate(f, start=1):
+        total += 1
+        if total % PROGRESS_LINES == 0:
+          logging.info("%s: read %d lines", path, total)
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+        except ValueError:
+          rec = None
+        if not isinstance(rec, dict) or "step" not in rec or "split" not in rec:
+          torn = "" if line.endswith("\n") else " (torn last line: still being written?)"
+          logging.warning("%s:%d: skipping a bad JSON line%s", file, n, torn)
+          continue
+        out.append(rec)
   logging.info("%s: %d records", path, len(out))
   return out
 
@@ -68,12 +75,12 @@ def _is_moe_record(r: dict) -> bool:
 
 def load_run(workdir: str) -> Run:
   """The workdir's records (bad lines skipped, repeats deduplicated) and config.json."""
-  metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  moe = [r for r in read_jsonl(os.path.join(workdir, "moe_stats.jsonl")) if _is_moe_record(r)]
+  wd = epath.Path(workdir)
+  metrics = read_jsonl(wd / writers.METRICS)
+  moe = [r for r in read_jsonl(wd / writers.MOE_STATS) if _is_moe_record(r)]
   config = {}
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = json.load(f)
+    config = json.loads((wd / "config.json").read_text())
   except (OSError, ValueError) as e:
     logging.warning("config.json not read: %s", e)
   return Run(metrics=_dedupe(metrics, lambda r: (r["step"], r["split"])),

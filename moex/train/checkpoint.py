@@ -24,7 +24,8 @@ class Checkpointer:
   """Saves and restores {"state": train state, "data": grain iterator}."""
 
   def __init__(self, workdir: str, cfg: TrainConfig):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = epath.Path(
+        workdir if "://" in str(workdir) else os.path.abspath(workdir)) / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import time
 
@@ -26,7 +25,7 @@ from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.moe import dispatch as moe_dispatch, stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import checkpoint, flops, optimizer, state as state_lib, step as step_lib
-from moex.train import writers
+from moex.train import workdir as workdir_lib, writers
 
 
 def prepare(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
@@ -90,16 +89,26 @@ def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str,
   cfg, mesh = prepare(cd)
   logging.info("mesh: %s over %d devices (%s), %d processes", dict(mesh.shape),
                mesh.devices.size, jax.default_backend(), jax.process_count())
+  held = workdir_lib.lock(workdir)  # Before anything reads or writes the workdir.
+  try:
+    return _train_locked(cd, cfg, mesh, workdir, max_steps)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: Mesh,
+                  workdir: str, max_steps: int | None) -> dict:
+  """train_and_evaluate once the workdir is this run's."""
   try:
     data = pipeline.build(cfg.data, cfg.seed, jax.process_index(), jax.process_count())
   except ValueError as e:  # e.g. a split too small for one batch: the message names the key
     raise config_lib.ConfigError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     resolved = cd.to_dict()
     resolved["model"]["vocab_size"] = cfg.model.vocab_size
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(resolved, f, indent=2, default=str)
+    (workdir_lib.path(workdir) / "config.json").write_text(
+        json.dumps(resolved, indent=2, default=str))
 
   tx, lr_schedule = optimizer.make(cfg.opt, cfg.train.steps)
   # Shardings are explicit NamedShardings from the config's rules: no mesh context needed.
@@ -181,7 +190,8 @@ class _Runner:
         expert_ranks=self.expert_ranks, max_experts=self.cfg.moe.stats_max_experts,
         churn_N=churn_N)
 
-  def evaluate(self, state: dict, step: int) -> dict:
+  def evaluate(self, state: dict, step: int, write: bool = True) -> dict:
+    """Runs the eval split; `write` False reports without adding lines to the workdir."""
     t0 = time.time()
     acc = self.eval_acc_zeros()
     for batch in self.data.eval_batches:
@@ -197,8 +207,9 @@ class _Runner:
     record = {"step": step, "split": "eval", **summary,
               "learning_rate": float(self.lr_schedule(max(step - 1, 0))), "grad_norm": None,
               "tokens_per_sec": float(host["scalars"]["tokens"]) / max(seconds, 1e-9), **aux}
-    self.writer.metrics(record)
-    self.writer.moe_stats(self._moe_records(host["moe"], step, "eval"))
+    if write:
+      self.writer.metrics(record)
+      self.writer.moe_stats(self._moe_records(host["moe"], step, "eval"))
     logging.info("eval  step %d | loss %.4f nats/token | %.4f bits/byte | %.1fs", step,
                  summary["loss"], summary["bits_per_byte"], seconds)
     return record
@@ -213,8 +224,9 @@ class _Runner:
     if step == 0:
       first_eval = last_eval = self.evaluate(state, 0)
     if step >= total:
+      # Its eval line is already in metrics.jsonl: report it again without a second copy.
       logging.info("already trained %d >= train.steps=%d steps; evaluating only", step, total)
-      last_eval = self.evaluate(state, step)
+      last_eval = self.evaluate(state, step, write=False)
     acc = self.train_acc_zeros()
     first_choice = self.probe(state)
     flag = _StopFlag()
@@ -275,7 +287,9 @@ class _Runner:
                       flag.signal, step)
     result = {"step": step, "seconds": elapsed, "stopped": flag.signal is not None,
               "tokens_per_sec": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
-              "final_eval": last_eval, "first_eval": first_eval}
+              "first_eval": first_eval, "last_eval": last_eval,
+              # Only an evaluation of the step the run ended at (a stopped run may have none).
+              "final_eval": last_eval if last_eval and last_eval["step"] == step else None}
     if last_eval is not None and step >= total:
       logging.info("final validation: %.4f bits per byte (loss %.4f nats/token) at step %d",
                    last_eval["bits_per_byte"], last_eval["loss"], step)

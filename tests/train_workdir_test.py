@@ -1,0 +1,177 @@
+"""Tests for moex/train/workdir.py: one run per workdir (DIR/lock), remote workdir paths."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import fsspec.registry  # noqa: F401  (registers the module in sys.modules)
+import pytest
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+
+from moex import report
+from moex.train import checkpoint, loop, workdir, writers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _dead_pid() -> int:
+  """A pid that was just used and is no longer running."""
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def _write_lock(d, **fields):
+  os.makedirs(d, exist_ok=True)
+  rec = {"host": socket.gethostname(), "pid": os.getpid(), "started": "T", "heartbeat": 0,
+         "token": "theirs", **fields}
+  with open(os.path.join(d, workdir.LOCK), "w") as f:
+    json.dump(rec, f)
+
+
+def test_second_run_on_a_held_workdir_refuses_naming_the_holder(tiny_config, tmp_path):
+  d = str(tmp_path / "run")
+  held = workdir.Lock(d).acquire()
+  try:
+    with pytest.raises(workdir.WorkdirInUse) as e:
+      loop.train_and_evaluate(tiny_config, d)
+  finally:
+    held.release()
+  msg = str(e.value)
+  assert msg == (f"workdir {d} is in use by pid {os.getpid()} on host {socket.gethostname()} "
+                 f"(started {held.record['started']}); wait for it or remove {d}/lock if "
+                 "that process is gone")
+  assert not os.path.exists(os.path.join(d, "metrics.jsonl"))  # Nothing of the run's written.
+  assert not os.path.exists(os.path.join(d, "lock"))  # Released.
+
+
+def test_main_refuses_a_held_workdir_in_one_line(tmp_path):
+  d = tmp_path / "w"
+  held = workdir.Lock(d).acquire()
+  try:
+    r = subprocess.run([sys.executable, "-m", "moex.main", "--config=experiments/tiny.py",
+                        f"--workdir={d}"], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+  finally:
+    held.release()
+  assert r.returncode == 1
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"moex: workdir {d} is in use by pid {os.getpid()} on host "), last
+  assert last.endswith(f"wait for it or remove {d}/lock if that process is gone"), last
+
+
+def test_lock_of_a_dead_process_is_taken_over(tiny_config, tmp_path, caplog):
+  d = str(tmp_path / "run")
+  _write_lock(d, pid=_dead_pid(), heartbeat=1e18)  # fresh heartbeat: the pid decides
+  tiny_config.train.steps = 1
+  result = loop.train_and_evaluate(tiny_config, d)
+  assert result["step"] == 1
+  assert "that process is not running" in caplog.text
+  assert not os.path.exists(os.path.join(d, "lock"))
+
+
+def test_lock_released_when_the_run_fails(tiny_config, tmp_path):
+  d = str(tmp_path / "run")
+  tiny_config.opt.learning_rate = 1e30  # non-finite loss: FloatingPointError
+  with pytest.raises(FloatingPointError):
+    loop.train_and_evaluate(tiny_config, d)
+  assert not os.path.exists(os.path.join(d, "lock"))
+
+
+def test_lock_of_another_host_refused_unless_stale(tmp_path, monkeypatch):
+  d = str(tmp_path / "run")
+  _write_lock(d, host="elsewhere", pid=1, heartbeat=workdir.time.time())
+  with pytest.raises(workdir.WorkdirInUse, match=r"pid 1 on host elsewhere .*last heartbeat "
+                     r"\d+s ago \(taken over after 600s\); wait for it or remove .*/lock if"):
+    workdir.Lock(d).acquire()
+  _write_lock(d, host="elsewhere", pid=1, heartbeat=workdir.time.time() - 601)
+  workdir.Lock(d).acquire().release()
+  assert not os.path.exists(os.path.join(d, "lock"))
+
+
+def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir, "HEARTBEAT_SECONDS", 0.05)
+  held = workdir.Lock(tmp_path).acquire()
+  before = json.loads((tmp_path / "lock").read_text())["heartbeat"]
+  workdir.time.sleep(0.5)
+  after = json.loads((tmp_path / "lock").read_text())["heartbeat"]
+  held.release()
+  assert after > before and not (tmp_path / "lock").exists()
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+  """gs:// served from memory through etils.epath's fsspec backend (the one it uses when
+  TensorFlow is absent); like GCS, it cannot append. The cwd is an empty folder."""
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store, pseudo_dirs = {}, [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      del finalize_on_close
+      super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return MemoryFileSystem._strip_protocol(str(path).removeprefix("gs://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+      if "a" in mode:
+        raise NotImplementedError("GCS objects cannot be appended to")
+      return super()._open(path, mode, **kwargs)
+
+  for name in ("gs", "gcs"):
+    # fsspec.registry is a read-only view of the module's _registry.
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)  # pylint: disable=protected-access
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield FakeGCS
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  assert not os.listdir(cwd)  # No local `gs:` folder: nothing went through os paths.
+
+
+def test_training_on_a_remote_workdir(fake_gcs, tiny_config, tmp_path, monkeypatch):
+  """Lock, config.json, metrics and statistics go to gs:// and read back; checkpoints go to
+  a local folder here (orbax writes arrays with tensorstore's own GCS driver)."""
+  monkeypatch.setattr(workdir, "LOCK_SETTLE_SECONDS", 0.0)
+  real = checkpoint.Checkpointer
+  monkeypatch.setattr(checkpoint, "Checkpointer",
+                      lambda wd, cfg: real(str(tmp_path / "ckpt"), cfg))
+  d = "gs://bucket/run"
+  loop.train_and_evaluate(tiny_config, d, max_steps=4)
+  loop.train_and_evaluate(tiny_config, d)  # resumes: drops nothing, appends parts
+  store = fake_gcs.store
+  assert "/bucket/run/config.json" in store and "/bucket/run/lock" not in store
+  assert any(k.startswith("/bucket/run/metrics.jsonl.parts/") for k in store)
+  run = report.load_run(d)
+  assert [r["step"] for r in report.split(run.metrics, "train")] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in report.split(run.metrics, "eval")] == [0, 3, 6]
+  assert run.config["model"]["vocab_size"] > 0
+  raw = report.read_jsonl(f"{d}/metrics.jsonl")
+  assert len(raw) == len(run.metrics)  # no repeats to deduplicate
+
+
+def test_checkpoint_directory_keeps_a_remote_url(fake_gcs, tiny_config, monkeypatch):
+  seen = {}
+  monkeypatch.setattr(checkpoint.ocp, "CheckpointManager",
+                      lambda directory, **kw: seen.setdefault("dir", directory))
+  from moex import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.validate(tiny_config, vocab_size=256)
+  ckpt = checkpoint.Checkpointer("gs://bucket/run", cfg.train)
+  assert str(ckpt.directory) == str(seen["dir"]) == "gs://bucket/run/checkpoints"
+
+
+def test_remote_resume_drops_later_parts(fake_gcs):
+  w = writers.Writer("gs://b/r")
+  for s in (1, 2, 3):
+    w.metrics({"step": s, "split": "train", "loss": 1.0})
+    w.flush()
+  w.close()
+  writers.Writer("gs://b/r", resume_step=2).close()
+  assert [r["step"] for r in report.read_jsonl("gs://b/r/metrics.jsonl")] == [1, 2]
