@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from moex import config as config_lib
 from moex.parallel import distributed
-from moex.train import loop, workdir
+from moex.train import checkpoint, loop, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -44,6 +44,8 @@ def main(argv):
                jax.process_count(), jax.devices())
   try:
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except checkpoint.CheckpointError as e:  # An I/O fault (disk, permissions), not the config.
+    sys.exit(f"moex: {e}")
   except (config_lib.ConfigError, FileNotFoundError) as e:
     sys.exit(f"moex: config error: {e}")
   except FloatingPointError as e:

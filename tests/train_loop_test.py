@@ -4,9 +4,14 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from moex.train import loop
+from moex.train import step as step_lib
 
 
 def _lines(workdir, name):
@@ -94,6 +99,64 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
   with pytest.raises(FloatingPointError, match="Last good checkpoint: step 3"):
     loop.train_and_evaluate(tiny_config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+
+
+def _checkpoints_on_disk_are_finite(workdir) -> list[int]:
+  """The steps on disk; fails unless every saved array (params, optimizer state) is finite."""
+  root = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(root))
+  for s in steps:
+    saved = ocp.StandardCheckpointer().restore(os.path.join(root, str(s), "state"))
+    for x in jax.tree.leaves(saved):
+      x = np.asarray(x)
+      assert not np.issubdtype(x.dtype, np.inexact) or np.isfinite(x).all(), f"step {s}"
+  return steps
+
+
+def test_nan_gradients_with_finite_loss_are_never_checkpointed(tiny_config, tmp_path):
+  """lr=1e4: the loss stays finite (1e12) while the gradient norm goes NaN at step 4. That
+  step was once saved as "last good", with every parameter NaN, and retention deleted a
+  real good one."""
+  c = tiny_config
+  c.opt.learning_rate, c.train.checkpoint_every, c.train.steps = 1e4, 1, 8
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match=r"Last good checkpoint: step (\d+)") as e:
+    loop.train_and_evaluate(c, workdir)
+  steps = _checkpoints_on_disk_are_finite(workdir)
+  assert f"step {steps[-1]} in" in str(e.value)
+  grad_norms = [r["grad_norm"] for r in _lines(workdir, "metrics.jsonl") if r["split"] == "train"]
+  assert all(math.isfinite(g) for g in grad_norms)  # The NaN step stops before its line.
+
+
+def test_nonfinite_state_is_never_checkpointed_and_rerun_resumes(tiny_config, tmp_path,
+                                                                 monkeypatch):
+  """Parameters poisoned from step 4 on while that step's loss and gradients are finite:
+  only the check of the state itself can keep checkpoint 4 off the disk."""
+  real = step_lib.make_train_step
+
+  def poisoned(cfg, graphdef, tx):
+    core, step = real(cfg, graphdef, tx)
+
+    def nan_from_step_4(state, acc, tokens):
+      state, acc = step(state, acc, tokens)
+      nan = state["step"] >= 4
+      return dict(state, params=jax.tree.map(lambda p: jnp.where(nan, jnp.nan, p),
+                                             state["params"])), acc
+    return core, nan_from_step_4
+
+  monkeypatch.setattr(step_lib, "make_train_step", poisoned)
+  c = tiny_config
+  c.train.checkpoint_every, c.train.keep_checkpoints = 1, 2
+  workdir = str(tmp_path / "run")
+  with pytest.raises(FloatingPointError, match="at step 4; .*Last good checkpoint: step 3"):
+    loop.train_and_evaluate(c, workdir)
+  assert _checkpoints_on_disk_are_finite(workdir) == [2, 3]  # Retention kept the good ones.
+
+  monkeypatch.undo()
+  result = loop.train_and_evaluate(c, workdir)
+  assert result["step"] == 6 and result["first_eval"] is None  # Resumed, not restarted.
+  steps = [r["step"] for r in _lines(workdir, "metrics.jsonl") if r["split"] == "train"]
+  assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_expert_choice_lines_say_what_ran(tiny_config, tmp_path):

@@ -1,8 +1,8 @@
 """The training driver: config -> data, model, state -> jitted steps -> outputs in the workdir.
 
 Resumes from the latest checkpoint in DIR/checkpoints when there is one. Stops cleanly on
-SIGTERM/SIGINT (saving a checkpoint first) and with FloatingPointError on a non-finite loss
-(no checkpoint is written after it, so the last one on disk is good).
+SIGTERM/SIGINT (saving a checkpoint first) and with FloatingPointError on a non-finite loss,
+gradient or state (only finite states are saved, so every checkpoint on disk is good).
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ def _to_host(tree):
   return jax.tree.map(one, tree)
 
 
+def _all_finite(state: dict) -> jax.Array:
+  """Whether every floating-point leaf of the train state is finite (one device bool)."""
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -114,11 +121,13 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
   # Shardings are explicit NamedShardings from the config's rules: no mesh context needed.
   model, init_fn = state_lib.build(cfg, tx, mesh)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train)
-  latest = ckpt.latest_step()
+  try:
+    latest, state = ckpt.restore_latest(model.abstract_state, data.train_iter)
+  except BaseException:
+    ckpt.close()  # Leaves no orbax threads behind to fail at exit.
+    raise
   if latest is None:
     state = init_fn(cfg.seed)
-  else:
-    state = ckpt.restore(latest, model.abstract_state, data.train_iter)
   logging.info("model: %.2fM parameters, MoE layers %s", state_lib.param_count(state) / 1e6,
                list(cfg.model.moe_layers))
   # Steps are traced under the mesh and the rules: the MoE layer's shard_map reads both.
@@ -149,6 +158,9 @@ class _Runner:
     acc_shapes = jax.eval_shape(train_core, model.abstract_state, abs_tokens)[1]
     self.train_acc_zeros = jax.jit(lambda: step_lib.zeros_like_tree(acc_shapes),
                                    out_shardings=rep)
+    # Replicated, so every process reads the same verdict before a save.
+    self.all_finite = jax.jit(_all_finite, in_shardings=(model.state_shardings,),
+                              out_shardings=rep)
     t0 = time.time()
     self.train_step = jax.jit(
         train_step, in_shardings=(model.state_shardings, rep, self.batch_sh),
@@ -232,6 +244,7 @@ class _Runner:
     flag = _StopFlag()
     t_start = t_window = t_progress = time.time()
     start_step, window_start = step, step
+    self.finite_at = step  # The last step whose whole state was checked finite.
     with _handle_signals(flag):
       while step < total and flag.signal is None:
         state, acc = self.train_step(state, acc, self._tokens(next(self.data.train_iter)))
@@ -275,9 +288,12 @@ class _Runner:
         if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
           flag.signal = "preemption (SIGTERM)"
         if step % cfg.checkpoint_every == 0 or last or flag.signal is not None:
+          # Only a finite state is saved: a bad one never becomes "last good", and retention
+          # (keep_checkpoints) never deletes a good checkpoint to make room for it.
           nonfinite = int(_to_host(acc["scalars"]["nonfinite"]))
-          if nonfinite:
+          if nonfinite or not bool(_to_host(self.all_finite(state))):
             self._nonfinite(step)
+          self.finite_at = step
           self.ckpt.save(step, state, self.data.train_iter)
         self.writer.flush()
     self.ckpt.wait()
@@ -305,6 +321,9 @@ class _Runner:
   def _nonfinite(self, step: int):
     self.ckpt.wait()
     good = self.ckpt.latest_step()
+    when = (f"at step {step}" if step == self.finite_at + 1
+            else f"between steps {self.finite_at + 1} and {step}")
     raise FloatingPointError(
-        f"non-finite loss at or before step {step}; stopping. Last good checkpoint: "
-        f"{'none' if good is None else f'step {good}'} in {self.ckpt.directory}")
+        f"non-finite loss, gradients or parameters {when}; stopping. Last good checkpoint: "
+        f"{'none' if good is None else f'step {good}'} in {self.ckpt.directory} (re-running "
+        f"resumes from it: lower opt.learning_rate or raise opt.warmup_steps first)")

@@ -117,13 +117,15 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
                                            rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.tree.norm(grads)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
                      buffers=aux["buffers"])
     scalars = {"loss": loss, "cross_entropy": aux["cross_entropy"],
                "load_balance_loss": aux["load_balance_loss"],
                "seq_load_balance_loss": aux["seq_load_balance_loss"], "z_loss": aux["z_loss"],
-               "grad_norm": optax.tree.norm(grads),
-               "nonfinite": (~jnp.isfinite(loss)).astype(jnp.int32),
+               "grad_norm": grad_norm,
+               # A finite loss can come with NaN gradients (and then NaN parameters).
+               "nonfinite": (~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))).astype(jnp.int32),
                "steps": jnp.ones((), jnp.int32)}
     return new_state, {"scalars": scalars, "moe": aux["moe"]}
 
