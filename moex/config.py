@@ -214,6 +214,8 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
          f"must be an int, got {cd.seed!r}")
   for section in ("model", "moe", "data", "opt", "train", "mesh"):
     _check(section in cd, section, "missing section")
+    _check(isinstance(cd[section], ml_collections.ConfigDict), section,
+           f"must be a section (ConfigDict), got {cd[section]!r}")
   model = _view(ModelConfig, "model", cd.model)
   if model.vocab_size == 0 and vocab_size is not None:
     model = dataclasses.replace(model, vocab_size=vocab_size)

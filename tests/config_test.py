@@ -212,3 +212,12 @@ def test_capacity_arithmetic_and_min_capacity():
   # The module-level formula is the same one (moex.report recomputes capacities with it).
   assert config_lib.capacity(1.25, 8, 2, 4, 0) == 5
   assert config_lib.capacity(0.01, 8, 2, 4, 3) == 3
+
+
+def test_a_section_that_is_not_a_configdict_names_it():
+  cd = tiny.get_config()
+  del cd["opt"]
+  cd.opt = 3
+  with pytest.raises(config_lib.ConfigError, match=r"^opt: must be a section \(ConfigDict\), "
+                     r"got 3$"):
+    config_lib.validate(cd, vocab_size=259)

@@ -31,6 +31,8 @@ from moex.train import writers
 
 def prepare(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
   """Validates the config (vocab size from the tokenizer); builds and checks the mesh."""
+  if not isinstance(cd.get("data"), ml_collections.ConfigDict) or "tokenizer" not in cd.data:
+    config_lib.validate(cd)  # raises the one line naming the missing section or key
   try:
     tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
   except ValueError as e:
