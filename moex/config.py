@@ -186,6 +186,11 @@ def _view(cls, section: str, cd: ml_collections.ConfigDict, **overrides):
     raise ConfigError(f"{section}.{k}: missing")
   values = {k: cd[k] for k in cd.keys()}
   values.update(overrides)
+  # Every float of every section, in one place: inf passes range checks such as `> 0` (and
+  # nan fails them with a misleading reason), then poisons the run once it is compiled.
+  for k, v in sorted(values.items()):
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):
+      _check(math.isfinite(v), f"{section}.{k}", f"must be finite, got {v!r}")
   return cls(**values)
 
 
