@@ -26,6 +26,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "expert",
                 "expert_mlp")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SCHEDULES = ("cosine", "wsd")
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,9 @@ class OptConfig:
   b2: float
   eps: float
   grad_clip: float
+  # Defaults, so configs written before these fields (config.json of old runs) still load.
+  schedule: str = "cosine"
+  decay_fraction: float = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +307,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   for name in ("b1", "b2"):
     v = getattr(opt, name)
     _check(0 <= v < 1, f"opt.{name}", f"must be in [0, 1), got {v!r}")
+  _one_of("opt.schedule", opt.schedule, SCHEDULES)
+  _check(0 < opt.decay_fraction <= 1, "opt.decay_fraction",
+         f"must be in (0, 1], got {opt.decay_fraction!r}")
 
   _positive("train", train, "steps", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "progress_seconds", "grad_accum_steps")

@@ -242,3 +242,14 @@ def test_every_float_must_be_finite(key, value):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
   assert str(e.value) == f"{key}: must be finite, got {value!r}"
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("opt.schedule", "linear", "opt.schedule: unknown value 'linear' (known: cosine, wsd)"),
+    ("opt.decay_fraction", 0.0, "opt.decay_fraction: must be in (0, 1], got 0.0"),
+    ("opt.decay_fraction", 1.5, "opt.decay_fraction: must be in (0, 1], got 1.5"),
+])
+def test_schedule_fields(key, value, fragment):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
+  assert str(e.value) == fragment
