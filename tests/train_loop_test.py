@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from unittest import mock
 
 import pytest
 
@@ -117,3 +118,33 @@ def test_expert_choice_lines_say_what_ran(tiny_config, tmp_path):
     assert len(set(r["expert_load"])) == 1 and r["expert_load"][0] % r["capacity"] == 0
   train = [r for r in lines if r["split"] == "train"]
   assert train[0]["expert_load"] == [4 * 16] * 4  # batch 4 (log_every 1) x C 16
+
+
+def _schedule_warnings(warning) -> list[str]:
+  lines = [c.args[0] % c.args[1:] for c in warning.call_args_list]
+  return [s for s in lines if s.startswith("train.steps changed")]
+
+
+def test_more_steps_on_resume_of_a_cosine_run_warns_in_one_line(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir)
+  tiny_config.train.steps = 8
+  with mock.patch.object(loop.logging, "warning") as warning:
+    loop.train_and_evaluate(tiny_config, workdir)
+  (line,) = _schedule_warnings(warning)
+  lrs = {r["step"]: r["learning_rate"] for r in _lines(workdir, "metrics.jsonl")
+         if r["split"] == "train"}
+  assert line.startswith("train.steps changed from 6 to 8 on resume at step 6: the cosine "
+                         f"learning rate at step 7 is {lrs[7]:.3g}, not ")
+  assert line.endswith("opt.schedule=wsd extends a run without changing it")
+  assert "\n" not in line
+
+
+def test_more_steps_on_resume_before_the_wsd_decay_change_nothing(tiny_config, tmp_path):
+  tiny_config.opt.schedule, tiny_config.opt.decay_fraction = "wsd", 0.5  # decay from step 3
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, max_steps=2)
+  tiny_config.train.steps = 8
+  with mock.patch.object(loop.logging, "warning") as warning:
+    loop.train_and_evaluate(tiny_config, workdir, max_steps=1)
+  assert not _schedule_warnings(warning)

@@ -26,12 +26,23 @@ def _wsd(peak: float, end: float, warmup: int, total_steps: int,
   Only the decay depends on total_steps, so a run extended before its decay began follows
   the same learning rates as if it had been planned that long.
   """
-  decay = max(round(decay_fraction * total_steps), 1)
-  start = max(total_steps - decay, warmup)
+  start = _wsd_decay_start(warmup, total_steps, decay_fraction)
   return optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
        optax.linear_schedule(peak, end, max(total_steps - start, 1))],
       boundaries=[warmup, start])
+
+
+def _wsd_decay_start(warmup: int, total_steps: int, decay_fraction: float) -> int:
+  return max(total_steps - max(round(decay_fraction * total_steps), 1), warmup)
+
+
+def decay_start(cfg: OptConfig, total_steps: int) -> int:
+  """The step whose learning rate is the first to depend on total_steps."""
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  if cfg.schedule == "wsd":
+    return _wsd_decay_start(warmup, total_steps, cfg.decay_fraction)
+  return warmup
 
 
 def _decay_mask(params):
