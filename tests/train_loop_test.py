@@ -148,3 +148,22 @@ def test_more_steps_on_resume_before_the_wsd_decay_change_nothing(tiny_config, t
   with mock.patch.object(loop.logging, "warning") as warning:
     loop.train_and_evaluate(tiny_config, workdir, max_steps=1)
   assert not _schedule_warnings(warning)
+
+
+@pytest.mark.parametrize("schedule,latest,warns", [
+    ("cosine", 5, True), ("cosine", 20, True), ("wsd", 15, False), ("wsd", 16, True),
+    ("wsd", 20, True)])
+def test_schedule_warning_only_when_rates_to_come_move(schedule, latest, warns):
+  """20 -> 40 steps: wsd (decay_fraction 0.2) keeps every step before its old decay at 16."""
+  from experiments import tiny  # pylint: disable=g-import-not-at-top
+  from moex import config as config_lib  # pylint: disable=g-import-not-at-top
+  cd = tiny.get_config()
+  cd.opt.schedule, cd.opt.warmup_steps = schedule, 2
+  opt = config_lib.validate(cd, vocab_size=259).opt
+  with mock.patch.object(loop.logging, "warning") as warning:
+    loop._warn_if_schedule_changed(opt, 20, 40, latest)  # pylint: disable=protected-access
+  assert len(_schedule_warnings(warning)) == int(warns)
+  if warns and schedule == "wsd":
+    assert _schedule_warnings(warning)[0].endswith(
+        "resume from a checkpoint before step 16 (the old decay's start) to extend without "
+        "changing it")
