@@ -67,7 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.opt = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-3  # Peak learning rate of AdamW.
   o.warmup_steps = 50  # Linear warmup from 0.
-  o.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate * min_lr_ratio.
+  o.min_lr_ratio = 0.1  # The decay ends at learning_rate * min_lr_ratio.
+  o.schedule = "cosine"  # After warmup: "cosine" (decays over all of train.steps) or "wsd"
+  # (warmup-stable-decay: the peak held, then a linear decay over the last decay_fraction of
+  # train.steps; a larger train.steps changes no step before the old decay starts).
+  o.decay_fraction = 0.2  # wsd: share of train.steps spent decaying.
   o.weight_decay = 0.1  # Decoupled weight decay on matrices (not norms).
   o.b1 = 0.9  # Adam beta1.
   o.b2 = 0.95  # Adam beta2.
@@ -75,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
 
   c.train = t = ml_collections.ConfigDict()
-  t.steps = 600  # Total optimizer steps (cosine schedule length).
+  t.steps = 600  # Total optimizer steps (the learning-rate schedule's length).
   t.log_every = 25  # Steps between train lines in metrics.jsonl / moe_stats.jsonl.
   t.eval_every = 200  # Steps between evaluations (also at step 0 and the last step).
   t.checkpoint_every = 200  # Steps between checkpoints (also at the last step).

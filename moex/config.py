@@ -26,6 +26,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "expert",
                 "expert_mlp")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+SCHEDULES = ("cosine", "wsd")
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,9 @@ class OptConfig:
   b2: float
   eps: float
   grad_clip: float
+  # Defaults, so configs written before these fields (config.json of old runs) still load.
+  schedule: str = "cosine"
+  decay_fraction: float = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +190,11 @@ def _view(cls, section: str, cd: ml_collections.ConfigDict, **overrides):
     raise ConfigError(f"{section}.{k}: missing")
   values = {k: cd[k] for k in cd.keys()}
   values.update(overrides)
+  # Every float of every section, in one place: inf passes range checks such as `> 0` (and
+  # nan fails them with a misleading reason), then poisons the run once it is compiled.
+  for k, v in sorted(values.items()):
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):
+      _check(math.isfinite(v), f"{section}.{k}", f"must be finite, got {v!r}")
   return cls(**values)
 
 
@@ -214,6 +223,8 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
          f"must be an int, got {cd.seed!r}")
   for section in ("model", "moe", "data", "opt", "train", "mesh"):
     _check(section in cd, section, "missing section")
+    _check(isinstance(cd[section], ml_collections.ConfigDict), section,
+           f"must be a section (ConfigDict), got {cd[section]!r}")
   model = _view(ModelConfig, "model", cd.model)
   if model.vocab_size == 0 and vocab_size is not None:
     model = dataclasses.replace(model, vocab_size=vocab_size)
@@ -296,6 +307,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   for name in ("b1", "b2"):
     v = getattr(opt, name)
     _check(0 <= v < 1, f"opt.{name}", f"must be in [0, 1), got {v!r}")
+  _one_of("opt.schedule", opt.schedule, SCHEDULES)
+  _check(0 < opt.decay_fraction <= 1, "opt.decay_fraction",
+         f"must be in (0, 1], got {opt.decay_fraction!r}")
 
   _positive("train", train, "steps", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "progress_seconds", "grad_accum_steps")

@@ -212,3 +212,44 @@ def test_capacity_arithmetic_and_min_capacity():
   # The module-level formula is the same one (moex.report recomputes capacities with it).
   assert config_lib.capacity(1.25, 8, 2, 4, 0) == 5
   assert config_lib.capacity(0.01, 8, 2, 4, 3) == 3
+
+
+def test_a_section_that_is_not_a_configdict_names_it():
+  cd = tiny.get_config()
+  del cd["opt"]
+  cd.opt = 3
+  with pytest.raises(config_lib.ConfigError, match=r"^opt: must be a section \(ConfigDict\), "
+                     r"got 3$"):
+    config_lib.validate(cd, vocab_size=259)
+
+
+def _float_keys() -> list[str]:
+  """Every float field of every section of the tiny config."""
+  cd = tiny.get_config()
+  return [f"{s}.{k}" for s in ("model", "moe", "data", "opt", "train")
+          for k, v in cd[s].items() if isinstance(v, float)]
+
+
+def test_float_keys_cover_every_section_with_floats():
+  keys = _float_keys()
+  assert {"opt.learning_rate", "opt.eps", "opt.grad_clip", "model.rope_theta",
+          "moe.capacity_factor", "data.val_fraction", "train.progress_seconds"} <= set(keys)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_must_be_finite(key, value):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
+  assert str(e.value) == f"{key}: must be finite, got {value!r}"
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("opt.schedule", "linear", "opt.schedule: unknown value 'linear' (known: cosine, wsd)"),
+    ("opt.decay_fraction", 0.0, "opt.decay_fraction: must be in (0, 1], got 0.0"),
+    ("opt.decay_fraction", 1.5, "opt.decay_fraction: must be in (0, 1], got 1.5"),
+])
+def test_schedule_fields(key, value, fragment):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
+  assert str(e.value) == fragment

@@ -158,3 +158,29 @@ def test_tokenized_array_default_cache_dir(tmp_path, monkeypatch):
   arr = sources.tokenized_array(files, tokenizer.ByteTokenizer(), "", "val")
   assert pathlib.Path(arr.filename).parent == tmp_path / "env_cache"
   assert pathlib.Path(arr.filename).name.startswith("val-")
+
+
+@pytest.mark.parametrize("keep", ["half", "header", "empty", "garbage"])
+def test_damaged_cache_is_rebuilt_with_a_warning(tiny_config, keep):
+  """A cache file cut short (a full disk, a killed copy) is derived data: rebuilt, not fatal."""
+  from moex import config as config_lib  # pylint: disable=g-import-not-at-top
+  from moex.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  cfg = config_lib.validate(tiny_config, vocab_size=259).data
+  first = pipeline.build(cfg, seed=0)
+  n, batch = first.train_tokens, next(first.train_iter)["tokens"]
+  cache = pathlib.Path(cfg.cache_dir)
+  (path,) = cache.glob("train-*.npy")
+  good = path.read_bytes()
+  cut = {"half": good[:len(good) // 2], "header": good[:40], "empty": b"",
+         "garbage": b"not an npy file at all" * 10}[keep]
+  path.unlink()  # a new file: truncating the one `first` still maps would fault this process
+  path.write_bytes(cut)
+  with mock.patch.object(sources.logging, "warning") as warning:
+    again = pipeline.build(cfg, seed=0)
+  assert path.read_bytes() == good
+  assert again.train_tokens == n
+  np.testing.assert_array_equal(next(again.train_iter)["tokens"], batch)
+  (call,) = warning.call_args_list
+  assert (call.args[0] % call.args[1:]).startswith(f"token cache {path} is damaged (")
+  assert not [p for p in os.listdir(cache) if p.endswith(".tmp")]

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,52 @@ def test_stopped_run_reports_its_latest_eval_with_its_step(tiny_config, tmp_path
   assert result["stopped"] and result["step"] == 2
   assert result["final_eval"] is None  # no evaluation of step 2
   assert result["last_eval"]["step"] == 0
+
+
+def _schedule_warnings(warning) -> list[str]:
+  lines = [c.args[0] % c.args[1:] for c in warning.call_args_list]
+  return [s for s in lines if s.startswith("train.steps changed")]
+
+
+def test_more_steps_on_resume_of_a_cosine_run_warns_in_one_line(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir)
+  tiny_config.train.steps = 8
+  with mock.patch.object(loop.logging, "warning") as warning:
+    loop.train_and_evaluate(tiny_config, workdir)
+  (line,) = _schedule_warnings(warning)
+  lrs = {r["step"]: r["learning_rate"] for r in _lines(workdir, "metrics.jsonl")
+         if r["split"] == "train"}
+  assert line.startswith("train.steps changed from 6 to 8 on resume at step 6: the cosine "
+                         f"learning rate at step 7 is {lrs[7]:.3g}, not ")
+  assert line.endswith("opt.schedule=wsd extends a run without changing it")
+  assert "\n" not in line
+
+
+def test_more_steps_on_resume_before_the_wsd_decay_change_nothing(tiny_config, tmp_path):
+  tiny_config.opt.schedule, tiny_config.opt.decay_fraction = "wsd", 0.5  # decay from step 3
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config, workdir, max_steps=2)
+  tiny_config.train.steps = 8
+  with mock.patch.object(loop.logging, "warning") as warning:
+    loop.train_and_evaluate(tiny_config, workdir, max_steps=1)
+  assert not _schedule_warnings(warning)
+
+
+@pytest.mark.parametrize("schedule,latest,warns", [
+    ("cosine", 5, True), ("cosine", 20, True), ("wsd", 15, False), ("wsd", 16, True),
+    ("wsd", 20, True)])
+def test_schedule_warning_only_when_rates_to_come_move(schedule, latest, warns):
+  """20 -> 40 steps: wsd (decay_fraction 0.2) keeps every step before its old decay at 16."""
+  from experiments import tiny  # pylint: disable=g-import-not-at-top
+  from moex import config as config_lib  # pylint: disable=g-import-not-at-top
+  cd = tiny.get_config()
+  cd.opt.schedule, cd.opt.warmup_steps = schedule, 2
+  opt = config_lib.validate(cd, vocab_size=259).opt
+  with mock.patch.object(loop.logging, "warning") as warning:
+    loop._warn_if_schedule_changed(opt, 20, 40, latest)  # pylint: disable=protected-access
+  assert len(_schedule_warnings(warning)) == int(warns)
+  if warns and schedule == "wsd":
+    assert _schedule_warnings(warning)[0].endswith(
+        "resume from a checkpoint before step 16 (the old decay's start) to extend without "
+        "changing it")

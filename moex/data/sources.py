@@ -167,11 +167,28 @@ def tokenized_array(
   cache.mkdir(parents=True, exist_ok=True)
   path = cache / f"{name}-{_cache_key(files, tokenizer)}.npy"
   if path.exists():
-    logging.info("reusing cached tokens %s", path)
-  else:
-    tokens = _tokenize(files, tokenizer)
-    _save_atomic(path, tokens)
-    logging.info(
-        "tokenized %d files (%d tokens) -> %s", len(files), tokens.size, path
-    )
+    cached = _load_cached(path)
+    if cached is not None:
+      logging.info("reusing cached tokens %s", path)
+      return cached
+  tokens = _tokenize(files, tokenizer)
+  _save_atomic(path, tokens)
+  logging.info(
+      "tokenized %d files (%d tokens) -> %s", len(files), tokens.size, path
+  )
   return np.load(path, mmap_mode="r")
+
+
+def _load_cached(path: pathlib.Path) -> np.ndarray | None:
+  """The cached 1-D uint16 tokens at `path`, or None (with a warning) if it is damaged."""
+  # The cache is derived data: a file cut short (full disk, killed copy, a writer older than
+  # _save_atomic) or overwritten is rebuilt rather than ending the run.
+  try:
+    tokens = np.load(path, mmap_mode="r")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+      raise ValueError(f"holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16")
+  except (ValueError, EOFError) as e:
+    logging.warning("token cache %s is damaged (%s); tokenizing again", path,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return None
+  return tokens

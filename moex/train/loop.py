@@ -30,6 +30,8 @@ from moex.train import workdir as workdir_lib, writers
 
 def prepare(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
   """Validates the config (vocab size from the tokenizer); builds and checks the mesh."""
+  if not isinstance(cd.get("data"), ml_collections.ConfigDict) or "tokenizer" not in cd.data:
+    config_lib.validate(cd)  # raises the one line naming the missing section or key
   try:
     tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
   except ValueError as e:
@@ -111,6 +113,8 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
     data = pipeline.build(cfg.data, cfg.seed, jax.process_index(), jax.process_count())
   except ValueError as e:  # e.g. a split too small for one batch: the message names the key
     raise config_lib.ConfigError(str(e)) from None
+  # Read before it is overwritten: the train.steps the checkpoints' schedule was made for.
+  previous_steps = _previous_steps(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:
     resolved = cd.to_dict()
     resolved["model"]["vocab_size"] = cfg.model.vocab_size
@@ -128,6 +132,8 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
     raise
   if latest is None:
     state = init_fn(cfg.seed)
+  elif previous_steps is not None:
+    _warn_if_schedule_changed(cfg.opt, previous_steps, cfg.train.steps, latest)
   logging.info("model: %.2fM parameters, MoE layers %s", state_lib.param_count(state) / 1e6,
                list(cfg.model.moe_layers))
   # Steps are traced under the mesh and the rules: the MoE layer's shard_map reads both.
@@ -138,6 +144,34 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
     finally:
       runner.writer.close()
       ckpt.close()
+
+
+def _previous_steps(workdir: str) -> int | None:
+  """train.steps in the workdir's config.json from an earlier run, if there is one."""
+  try:
+    return int(json.loads((workdir_lib.path(workdir) / "config.json").read_text())
+               ["train"]["steps"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _warn_if_schedule_changed(opt: config_lib.OptConfig, before: int, now: int,
+                              latest: int) -> None:
+  """One warning line when a changed train.steps moves the learning rates still to come."""
+  if before == now or latest >= now:
+    return
+  old_lr = float(optimizer.schedule(opt, before)(latest))
+  new_lr = float(optimizer.schedule(opt, now)(latest))
+  if opt.schedule == "cosine":
+    hint = "opt.schedule=wsd extends a run without changing it"
+  elif latest < optimizer.decay_start(opt, before):
+    return  # wsd before its decay: every learning rate up to the new decay is the same
+  else:
+    hint = (f"resume from a checkpoint before step {optimizer.decay_start(opt, before)} "
+            "(the old decay's start) to extend without changing it")
+  logging.warning("train.steps changed from %d to %d on resume at step %d: the %s learning "
+                  "rate at step %d is %.3g, not %.3g, and its decay now ends at step %d; %s",
+                  before, now, latest, opt.schedule, latest + 1, new_lr, old_lr, now, hint)
 
 
 class _Runner:
