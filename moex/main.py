@@ -26,7 +26,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _HEARTBEAT = flags.DEFINE_integer(
-    "heartbeat_timeout", 60, "Seconds before the others give up on a dead process.")
+    "heartbeat_timeout", 10, "Seconds before the others give up on a hung process (one that "
+    "died is noticed at the next collective).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -124,6 +125,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+@distributed.exiting_on_failure()  # outside main: its config errors exit with one line first
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -1,6 +1,7 @@
 """launch/local.sh: 2 processes x 4 simulated devices train, are preempted (SIGTERM to one
 process), agree on a step, checkpoint, resume, and match a 1-process 8-device run step for
-step; the checkpoint then moves to a 1-device mesh and training continues."""
+step; the checkpoint then moves to a 1-device mesh and training continues. A process killed
+mid-run stops the other within seconds, and local.sh's last line names it."""
 
 import json
 import os
@@ -41,10 +42,10 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def _local(flags, **kw):
-  return subprocess.Popen(["bash", str(ROOT / "launch" / "local.sh"), "-n", "2", "-d", "4",
-                           "--", *flags], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kw)
+def _local(flags, devices=4, **kw):
+  return subprocess.Popen(["bash", str(ROOT / "launch" / "local.sh"), "-n", "2", "-d",
+                           str(devices), "--", *flags], cwd=ROOT, env=_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _process_one_pid(workdir):
@@ -116,3 +117,40 @@ def test_preempt_resume_and_match_single_process(corpus_glob, tmp_path, monkeypa
   a = _losses(single)
   for step in (STEPS + 1, STEPS + 2):
     assert c[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_killed_process_stops_the_other_and_is_named_last(corpus_glob, tmp_path, monkeypatch):
+  from moex.train import flops
+
+  cache = tmp_path / "cache"
+  cache.mkdir()  # a made-up CPU peak: measuring it would cost each process ~20 s
+  (cache / "cpu_peak.json").write_text(json.dumps({"key": flops._cpu_key(), "flops": 1e10}))
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(cache))
+  workdir = tmp_path / "killed"
+  # One device per process: the smallest mesh across two processes compiles fastest.
+  proc = _local(_flags(corpus_glob, workdir, steps=100_000, mesh=(("data", 2),)), devices=1)
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait until both are training
+      if (workdir / "metrics.jsonl").exists() and max(_losses(workdir), default=0) >= 2:
+        break
+      time.sleep(0.5)
+    pid = _process_one_pid(workdir)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    # Without the fix the survivor waited for the heartbeat timeout (about 50 s), then aborted.
+    out, _ = proc.communicate(timeout=30)
+    seconds = time.time() - killed
+  finally:
+    left = subprocess.run(["pgrep", "-f", f"moex.main.*{workdir}"], capture_output=True,
+                          text=True).stdout.split()
+    for p in left:  # so that a failure here does not leave processes behind
+      os.kill(int(p), signal.SIGKILL)
+    proc.kill()
+  assert not left, left
+  assert proc.returncode == 128 + signal.SIGKILL, out[-3000:]
+  assert seconds < 30, seconds
+  last = out.strip().splitlines()[-1]
+  assert last == f"local.sh: process 1 (pid {pid}) exited with 137; stopped the others", \
+      out[-3000:]

@@ -59,5 +59,6 @@ def test_local_sh_stops_everyone_when_one_process_dies(tmp_path):
                       "--anything"], cwd=tmp_path, env=env, capture_output=True, text=True,
                      timeout=120)
   assert r.returncode == 3, r.stderr
-  assert "stopping the others" in r.stderr
+  last = r.stderr.splitlines()[-1]
+  assert last.startswith("local.sh: process 1 (pid ") and "exited with 3; stopped" in last, last
   assert time.time() - start < 60

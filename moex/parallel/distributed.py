@@ -9,13 +9,18 @@ Every process runs the same `python -m moex.main ...` command. Sources, first ma
    which reads the cluster itself;
 4. otherwise a single process.
 
-A process that dies is noticed through the coordination service's heartbeat: the others
-stop with an error after at most `heartbeat_timeout_seconds` instead of hanging.
+A process that dies breaks the others' next collective (gloo sees the closed connection) and
+`exiting_on_failure` ends them at once with one line; a process that hangs is noticed through
+the coordination service's heartbeat, which aborts the others after `heartbeat_timeout_seconds`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import traceback
+from collections.abc import Iterator
 
 import jax
 from absl import logging
@@ -30,7 +35,7 @@ def _detected_cluster() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, heartbeat_timeout_seconds: int = 60,
+               process_id: int | None = None, heartbeat_timeout_seconds: int = 10,
                initialization_timeout: int = 300) -> None:
   """Joins the distributed runtime when this is one process of several (see module doc)."""
   env = os.environ
@@ -51,3 +56,31 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   elif (cluster := _detected_cluster()) is not None:
     logging.info("detected a %s cluster: joining its distributed runtime", cluster)
     jax.distributed.initialize(**timeouts)
+
+
+# What a collective's or the coordination service's error says when another process is gone.
+_PEER_LOST = ("Gloo", "NCCL", "by peer", "heartbeat", "Coordination", "UNAVAILABLE")
+
+
+@contextlib.contextmanager
+def exiting_on_failure() -> Iterator[None]:
+  """With several processes, ends this one at once, with one line, on an uncaught error."""
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 -- any error: the peers must not be left waiting
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+      raise
+    lost = any(m in str(e) for m in _PEER_LOST)  # not only JaxRuntimeError: numpy re-raises
+    if not lost:  # a bug or I/O error of this process: its traceback is the evidence
+      traceback.print_exc()
+    what = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    cause = ("a collective failed, so another process has probably died: read its log"
+             if lost else "this process failed: see the traceback above")
+    print(f"moex: process {jax.process_index()} of {jax.process_count()} stopped: {cause} "
+          f"({what}); then re-run the same command to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    logging.flush()
+    # Not sys.exit: at exit JAX's distributed shutdown waits at a barrier for every process,
+    # the dead one too, until the heartbeat timeout, and then aborts with a C++ stack dump.
+    os._exit(1)
