@@ -141,7 +141,7 @@ def main(argv):
     sys.exit(f"moex: config error: {e}")
   except FloatingPointError as e:
     sys.exit(f"moex: {e}")
-  except workdir.WorkdirInUse as e:
+  except (workdir.WorkdirInUse, workdir.WorkdirError) as e:
     sys.exit(f"moex: {e}")
   # The latest evaluation with its own step: a stopped run's may be older than its step.
   ev, step = result["last_eval"], result["step"]

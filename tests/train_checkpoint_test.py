@@ -72,7 +72,8 @@ def test_unreadable_latest_falls_back_to_the_one_before(trained, tmp_path, caplo
   with caplog.at_level(logging.WARNING):
     result = loop.train_and_evaluate(trained[1](), workdir)
   assert result["step"] == 6 and result["first_eval"] is None  # Resumed from 3, ran to 6.
-  said = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+  said = [r.getMessage() for r in caplog.records
+          if r.getMessage().startswith("checkpoints:") and "is unreadable" in r.getMessage()]
   assert len(said) == 1 and "step 6 in" in said[0] and "resumed from step 3" in said[0], said
   assert reason in said[0] and "\n" not in said[0]
   assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -63,6 +63,28 @@ def test_main_refuses_a_held_workdir_in_one_line(tmp_path):
   assert last.endswith(f"wait for it or remove {d}/lock if that process is gone"), last
 
 
+def test_main_on_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  f = tmp_path / "a_file"
+  f.write_text("not a directory")
+  r = subprocess.run([sys.executable, "-m", "moex.main", "--config=experiments/tiny.py",
+                      f"--workdir={f}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"moex: workdir {f}: is a file, not a directory; pick another --workdir")
+  assert "Traceback" not in r.stderr and "config error" not in r.stderr
+
+
+def test_unwritable_workdir_is_one_line_naming_it(tmp_path, monkeypatch):
+  # Tests run as root, where chmod does not stop writes: a read-only file system is faked.
+  def read_only(self, *args, **kwargs):
+    raise OSError(30, "Read-only file system")
+
+  monkeypatch.setattr(type(workdir.path(tmp_path)), "write_text", read_only)
+  with pytest.raises(workdir.WorkdirError, match=r"^workdir .*/w: cannot be written "
+                     r"\(Read-only file system\); pick another --workdir"):
+    workdir.make(tmp_path / "w")
+
+
 def test_lock_of_a_dead_process_is_taken_over(tiny_config, tmp_path, caplog):
   d = str(tmp_path / "run")
   _write_lock(d, pid=_dead_pid(), heartbeat=1e18)  # fresh heartbeat: the pid decides

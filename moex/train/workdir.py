@@ -34,6 +34,29 @@ class WorkdirInUse(RuntimeError):
   """Another run holds the workdir; the message is the one line to show the user."""
 
 
+class WorkdirError(OSError):
+  """The workdir cannot be made or written (a file in the way, permissions, no space)."""
+
+
+def make(workdir: str | os.PathLike) -> epath.Path:
+  """Creates the workdir; WorkdirError, one line naming it, when that is impossible."""
+  p = path(workdir)
+  try:
+    if p.exists() and not p.is_dir():
+      raise WorkdirError(f"workdir {workdir}: is a file, not a directory; pick another "
+                         "--workdir")
+    p.mkdir(parents=True, exist_ok=True)
+    probe = p / ".moex-write-test"
+    probe.write_text("")
+    probe.unlink()
+  except WorkdirError:
+    raise
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir}: cannot be written ({e.strerror or e}); pick "
+                       "another --workdir or fix its permissions or free space") from None
+  return p
+
+
 def path(workdir: str | os.PathLike) -> epath.Path:
   """The workdir as an epath.Path; local paths made absolute (os would mangle gs://)."""
   return epath.Path(workdir) if is_remote(workdir) else epath.Path(os.path.abspath(workdir))
@@ -69,7 +92,7 @@ class Lock:
 
   def acquire(self) -> Lock:
     """Takes the lock or raises WorkdirInUse naming the holder."""
-    self.dir.mkdir(parents=True, exist_ok=True)
+    make(self.dir)
     for _ in range(3):  # A takeover can race another one: retry from the start.
       if self._try_create():
         self._held = True
