@@ -13,7 +13,6 @@ import contextlib
 import gc
 import json
 import logging as py_logging
-import os
 import re
 
 import grain
@@ -26,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from moex.config import ConfigError, TrainConfig
 from moex.data import pipeline
+from moex.train import workdir as workdir_lib
 
 
 UNREADABLE = "checkpoints_unreadable"  # Beside checkpoints/: where unreadable ones are moved.
@@ -94,8 +94,7 @@ class Checkpointer:
   """Saves and restores {"state": train state, "data": grain iterator}."""
 
   def __init__(self, workdir: str, cfg: TrainConfig):
-    self.directory = epath.Path(
-        workdir if "://" in str(workdir) else os.path.abspath(workdir)) / "checkpoints"
+    self.directory = workdir_lib.path(workdir) / "checkpoints"  # gs:// kept as a URL
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
