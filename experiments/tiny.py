@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # Parameter storage dtype.
   m.remat = "none"  # Rematerialize each block in the backward pass: "none", "full", or a
   # jax.checkpoint_policies name ("dots_saveable", "dots_with_no_batch_dims_saveable").
+  m.qk_norm = "none"  # RMSNorm on queries and keys before RoPE: "none", "head" (one [A]
+  # scale shared by all heads, Qwen3) or "full" (over all heads' width, OLMoE).
+  m.dense_layers = ()  # Blocks that stay dense whatever first_dense_layers/moe_every say.
 
   # Every MoE field starts at its default in moex/config.py MoEConfig, which documents each
   # one (and the whole section stays overridable: --config.moe.jitter=0.1). Set here are

@@ -27,6 +27,7 @@ LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "
                 "expert_mlp")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("cosine", "wsd")
+QK_NORMS = ("none", "head", "full")
 
 
 class ConfigError(ValueError):
@@ -61,10 +62,16 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   remat: str = "none"
+  # RMSNorm on queries and keys before RoPE: "none", "head" (one scale [A] shared by the
+  # heads: Qwen3) or "full" (over the whole projection, [H*A] and [J*A]: OLMoE).
+  qk_norm: str = "none"
+  dense_layers: tuple[int, ...] = ()  # Blocks forced dense whatever the pattern below
+  # (Qwen3-MoE's mlp_only_layers).
 
   def is_moe_layer(self, i: int) -> bool:
     """Whether block i uses an MoE feed-forward block."""
-    return i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+    return (i >= self.first_dense_layers and (i - self.first_dense_layers) % self.moe_every == 0
+            and i not in self.dense_layers)
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
@@ -226,6 +233,11 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
     _check(isinstance(cd[section], ml_collections.ConfigDict), section,
            f"must be a section (ConfigDict), got {cd[section]!r}")
   model = _view(ModelConfig, "model", cd.model)
+  dense = model.dense_layers
+  _check(isinstance(dense, (list, tuple)) and all(
+      isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in dense),
+         "model.dense_layers", f"must be a list of block indices, got {dense!r}")
+  model = dataclasses.replace(model, dense_layers=tuple(sorted(set(int(i) for i in dense))))
   if model.vocab_size == 0 and vocab_size is not None:
     model = dataclasses.replace(model, vocab_size=vocab_size)
   moe = _view(MoEConfig, "moe", cd.moe)
@@ -249,6 +261,10 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
          f"must be in [0, model.num_layers={model.num_layers}]")
   _one_of("model.dtype", model.dtype, DTYPES)
   _one_of("model.remat", model.remat, REMAT_POLICIES)
+  _one_of("model.qk_norm", model.qk_norm, QK_NORMS)
+  for i in model.dense_layers:
+    _check(0 <= i < model.num_layers, "model.dense_layers",
+           f"block {i} is not in [0, model.num_layers={model.num_layers})")
   _one_of("model.param_dtype", model.param_dtype, DTYPES)
 
   _positive("moe", moe, "num_experts", "top_k", "d_expert")

@@ -100,11 +100,23 @@ def test_missing_seed_is_a_config_error():
     ("opt.schedule", "linear", "opt.schedule: unknown value 'linear' (known: cosine, wsd)"),
     ("opt.decay_fraction", 0.0, "opt.decay_fraction: must be in (0, 1], got 0.0"),
     ("opt.decay_fraction", 1.5, "opt.decay_fraction: must be in (0, 1], got 1.5"),
+    ("model.qk_norm", "layer", "model.qk_norm: unknown value 'layer' (known: none, head, full)"),
+    ("model.dense_layers", (1, 4), "model.dense_layers: block 4 is not in [0, "
+     "model.num_layers=4)"),
+    ("model.dense_layers", (1, "a"), "model.dense_layers: must be a list of block indices, got "
+     "(1, 'a')"),
 ])
 def test_optimizer_and_data_ranges(key, value, fragment):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
   assert str(e.value) == fragment
+
+
+def test_dense_layers_override_the_moe_pattern():
+  cd = _set(tiny.get_config(), "model.dense_layers", [2, 0])
+  cfg = config_lib.validate(cd, vocab_size=259)
+  assert cfg.model.moe_layers == (1, 3)
+  assert cfg.model.dense_layers == (0, 2)
 
 
 def test_rules_name_known_logical_axes():

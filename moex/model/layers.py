@@ -74,6 +74,19 @@ class Attention(nnx.Module):
     self.v_DxJxA = param(rngs, normal(cfg.init_std), (d, j, a), pd, ("embed", "kv_heads", None))
     self.o_HxAxD = param(rngs, normal(out_std), (h, a, d), pd, ("heads", None, "embed"))
     self.theta = cfg.rope_theta
+    # q/k RMSNorm before RoPE (model.qk_norm): per head over A, or over the whole projection.
+    self.qk_norm = cfg.qk_norm
+    widths = {"none": None, "head": (a, a), "full": (h * a, j * a)}[cfg.qk_norm]
+    self.q_norm = None if widths is None else RMSNorm(widths[0], cfg, rngs)
+    self.k_norm = None if widths is None else RMSNorm(widths[1], cfg, rngs)
+
+  def _norm(self, norm: "RMSNorm | None", x_BxLxHxA: jax.Array) -> jax.Array:
+    if norm is None:
+      return x_BxLxHxA
+    if self.qk_norm == "head":
+      return norm(x_BxLxHxA)
+    b, l, h, a = x_BxLxHxA.shape
+    return norm(x_BxLxHxA.reshape(b, l, h * a)).reshape(b, l, h, a)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dt = x_BxLxD.dtype
@@ -82,6 +95,7 @@ class Attention(nnx.Module):
     q = jnp.einsum("bld,dha->blha", x_BxLxD, self.q_DxHxA[...].astype(dt))
     k = jnp.einsum("bld,dja->blja", x_BxLxD, self.k_DxJxA[...].astype(dt))
     v = jnp.einsum("bld,dja->blja", x_BxLxD, self.v_DxJxA[...].astype(dt))
+    q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
     q, k = rotary(q, pos_BxL, self.theta), rotary(k, pos_BxL, self.theta)
     out_BxLxHxA = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return jnp.einsum("blha,had->bld", out_BxLxHxA, self.o_HxAxD[...].astype(dt))
