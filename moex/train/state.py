@@ -40,13 +40,27 @@ def _split(model: Decoder):
   return graphdef, params, buffers
 
 
-def build(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh):
-  """Returns (Model, init_fn): init_fn(seed) -> a freshly initialised, sharded state."""
+def _abstract(cfg: Config, mesh: Mesh):
+  """(graphdef, abstract params, abstract buffers, param shardings, buffer shardings)."""
   abstract = nnx.eval_shape(lambda: Decoder(cfg.model, cfg.moe, nnx.Rngs(0)))
   graphdef, abs_params, abs_buffers = _split(abstract)
   rules = cfg.mesh.rules
-  param_sh = sharding.state_shardings(abs_params, rules, mesh)
-  buffer_sh = sharding.state_shardings(abs_buffers, rules, mesh)
+  return (graphdef, abs_params, abs_buffers, sharding.state_shardings(abs_params, rules, mesh),
+          sharding.state_shardings(abs_buffers, rules, mesh))
+
+
+def abstract_variables(cfg: Config, mesh: Mesh) -> tuple[Any, dict, dict]:
+  """(graphdef, params, buffers) as pure dicts of jax.ShapeDtypeStruct with shardings: the
+  model's layout without allocating it (checkpoint import and export fill it)."""
+  graphdef, abs_params, abs_buffers, param_sh, buffer_sh = _abstract(cfg, mesh)
+  with_sh = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  return (graphdef, jax.tree.map(with_sh, nnx.to_pure_dict(abs_params), param_sh),
+          jax.tree.map(with_sh, nnx.to_pure_dict(abs_buffers), buffer_sh))
+
+
+def build(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh):
+  """Returns (Model, init_fn): init_fn(seed) -> a freshly initialised, sharded state."""
+  graphdef, _, _, param_sh, buffer_sh = _abstract(cfg, mesh)
   rep = sharding.replicated(mesh)
 
   def init(key):
