@@ -123,3 +123,111 @@ def test_fused_expert_layout_reads_the_same(name, tmp_path):
     want = model(torch.tensor(tokens)).logits.numpy()
   got, _ = _moex_logits(tmp_path, tokens)
   assert float(np.max(np.abs(got - want))) <= 1e-4
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def test_export_round_trip_loads_in_transformers_without_warnings(hub_dir, tmp_path, caplog):
+  """moex params -> hub-layout dir -> from_pretrained: same logits, no missing/unexpected."""
+  name, d, want, tokens = hub_dir
+  fam, _, model, moe = hf.moex_sections(str(d))
+  cd = tiny.get_config()
+  cd.model.update(model)
+  cd.moe.update(moe)
+  cfg = config_lib.validate(cd)
+  _, abs_params, _ = state_lib.abstract_variables(cfg, mesh_lib.make_mesh(cfg.mesh))
+  params = hf.load_params(str(d), cfg, abs_params, fam)
+  out = tmp_path / "export"
+  # Small shards: the index path is exercised too.
+  hf.export(lambda path: _get(params, path), cfg, str(out), architecture=fam.architecture,
+            max_shard_bytes=64 << 10)
+  assert not (tmp_path / "export.partial").exists()
+  assert json.loads((out / "config.json").read_text())["architectures"] == [fam.architecture]
+  transformers.utils.logging.enable_propagation()  # its warnings reach caplog
+  try:
+    with caplog.at_level("WARNING"):
+      back, info = transformers.AutoModelForCausalLM.from_pretrained(
+          out, dtype=torch.float32, experts_implementation="eager",
+          attn_implementation="eager", output_loading_info=True)
+  finally:
+    transformers.utils.logging.disable_propagation()
+  assert all(not v for v in info.values()), info
+  assert "were not used" not in caplog.text and "newly initialized" not in caplog.text
+  with torch.no_grad():
+    got = back(torch.tensor(tokens)).logits.numpy()
+  assert float(np.max(np.abs(got - want))) <= 1e-4
+  index = json.loads((out / hf.safetensors_dir.INDEX).read_text())["weight_map"]
+  assert len(set(index.values())) > 1
+  if fam.moe:  # the hub's per-expert layout, not the fused one
+    assert any(".experts.0." in k for k in index)
+    assert not any(k.endswith("gate_up_proj") for k in index)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line naming the file or key.
+
+
+def _config_dir(tmp_path, name="mixtral", **changes):
+  d = tmp_path / "m"
+  d.mkdir(exist_ok=True)
+  _hf_model(name).save_pretrained(d)
+  cfg = json.loads((d / "config.json").read_text())
+  for k, v in changes.items():
+    if v is _DELETE:
+      cfg.pop(k)
+    else:
+      cfg[k] = v
+  (d / "config.json").write_text(json.dumps(cfg))
+  return d
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("name,changes,fragment", [
+    ("mixtral", {"sliding_window": 4096}, "sliding_window=4096: moex implements only None"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     "rope_parameters.rope_type='llama3'"),
+    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling="),
+    ("llama", {"attention_bias": True}, "attention_bias=True: moex implements only False"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+    ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window=True"),
+    ("llama", {"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+    ("llama", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config:"),
+    ("llama", {"num_nextn_predict_layers": 1}, "num_nextn_predict_layers:"),
+    ("llama", {"architectures": ["DeepseekV3ForCausalLM"]}, "architectures=['DeepseekV3"),
+    ("llama", {"some_new_feature": 3}, "some_new_feature: a LlamaForCausalLM key moex does"),
+    ("llama", {"hidden_size": _DELETE}, "hidden_size: missing"),
+])
+def test_unsupported_config_keys_are_refused_naming_the_key(tmp_path, name, changes, fragment):
+  d = _config_dir(tmp_path, name, **changes)
+  with pytest.raises(families.Unsupported) as e:
+    hf.moex_sections(str(d))
+  assert fragment in str(e.value) and str(d / "config.json") in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_missing_files_and_wrong_shapes_name_the_file(tmp_path):
+  with pytest.raises(hf.FormatError, match="config.json: missing"):
+    hf.moex_sections(str(tmp_path))
+  d = _config_dir(tmp_path, "llama")
+  tensors = load_file(str(d / "model.safetensors"))
+  tensors["model.layers.1.self_attn.q_proj.weight"] = np.zeros((8, 32), np.float32)
+  save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(hf.FormatError) as e:
+    _moex_logits(d, np.zeros((1, 8), np.int64))
+  assert str(e.value) == (f"{d / 'model.safetensors'}: tensor model.layers.1.self_attn.q_proj"
+                          ".weight has shape (8, 32), config.json implies (32, 32)")
+  tensors["model.layers.1.self_attn.q_proj.weight"] = np.zeros((32, 32), np.float32)
+  tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros((32,), np.float32)
+  save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(hf.FormatError, match=r"tensor model.layers.0.self_attn.q_proj.bias has "
+                     "no place"):
+    _moex_logits(d, np.zeros((1, 8), np.int64))
+  (d / "model.safetensors").unlink()
+  with pytest.raises(hf.FormatError, match=r"no model.safetensors, \*.safetensors"):
+    _moex_logits(d, np.zeros((1, 8), np.int64))

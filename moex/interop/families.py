@@ -113,6 +113,9 @@ def family_of(hf: dict, file: str) -> Family:
 
 def _rope_theta(hf: dict, file: str) -> float:
   """rope_theta from the hub's top-level key or transformers 5's rope_parameters."""
+  scaling = hf.get("rope_scaling")
+  if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
+    raise Unsupported(f"{file}: rope_scaling={scaling!r}: RoPE scaling is not implemented")
   params = hf.get("rope_parameters")
   if params is not None:
     if params.get("rope_type", "default") != "default":
@@ -122,9 +125,6 @@ def _rope_theta(hf: dict, file: str) -> float:
       raise Unsupported(f"{file}: rope_parameters.{k}: RoPE scaling is not implemented")
     if "rope_theta" in params:
       return float(params["rope_theta"])
-  scaling = hf.get("rope_scaling")
-  if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
-    raise Unsupported(f"{file}: rope_scaling={scaling!r}: RoPE scaling is not implemented")
   return float(hf.get("rope_theta", 10_000.0))
 
 

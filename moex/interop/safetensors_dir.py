@@ -1,17 +1,19 @@
 """A Hugging Face model directory's safetensors files: read one tensor (or slice) at a time,
 write in shards with an index.
 
-Reading memory-maps each file (safetensors' own `safe_open`) and copies out only the tensor,
-or the rows of it, that are asked for, so a checkpoint is never held in host memory whole.
+Reading memory-maps a file (safetensors' own `safe_open`) for each tensor asked for, copies
+out only that tensor, or the rows of it that are asked for, and unmaps the file again, so
+the pages read never accumulate in the process: a checkpoint is never in host memory whole.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from typing import Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
+from absl import logging
 from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -41,19 +43,17 @@ class Reader:
       if not files:
         raise FormatError(f"{self.directory}: no {SINGLE}, *.safetensors or {INDEX}")
       weight_map = None
-    self._handles = {}
     self._where: dict[str, str] = {}
+    self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
     for name in files:
       path = self.directory / name
       if not path.exists():
         raise FormatError(f"{path}: listed in {INDEX} but missing")
-      try:
-        handle = safe_open(str(path), framework="numpy")
-      except Exception as e:  # pylint: disable=broad-except  (safetensors' own error types)
-        raise FormatError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
-      self._handles[name] = handle
-      for key in handle.keys():
-        self._where[key] = name
+      with self._open(name) as handle:
+        for key in handle.keys():
+          s = handle.get_slice(key)
+          self._where[key] = name
+          self._meta[key] = (tuple(s.get_shape()), s.get_dtype())
     if weight_map is not None:
       for key, name in weight_map.items():
         if self._where.get(key) != name:
@@ -68,16 +68,24 @@ class Reader:
   def file_of(self, name: str) -> epath.Path:
     return self.directory / self._where[name]
 
-  def _slice(self, name: str):
+  def _open(self, file: str):
+    path = self.directory / file
+    try:
+      return safe_open(str(path), framework="numpy")
+    except Exception as e:  # pylint: disable=broad-except  (safetensors' own error types)
+      raise FormatError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+
+  def _known(self, name: str) -> None:
     if name not in self._where:
       raise FormatError(f"{self.directory}: no tensor {name}")
-    return self._handles[self._where[name]].get_slice(name)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._slice(name).get_shape())
+    self._known(name)
+    return self._meta[name][0]
 
   def dtype(self, name: str) -> str:
-    return self._slice(name).get_dtype()
+    self._known(name)
+    return self._meta[name][1]
 
   def get(self, name: str, shape: tuple[int, ...] | None = None,
           rows: slice | None = None) -> np.ndarray:
@@ -85,15 +93,13 @@ class Reader:
     if shape is not None and self.shape(name) != tuple(shape):
       raise FormatError(f"{self.file_of(name)}: tensor {name} has shape {self.shape(name)}, "
                         f"config.json implies {tuple(shape)}")
-    s = self._slice(name)
-    return np.asarray(s[rows] if rows is not None else s[:])
+    self._known(name)
+    with self._open(self._where[name]) as handle:  # unmapped again on exit
+      s = handle.get_slice(name)
+      return np.array(s[rows] if rows is not None else s[:])  # a copy, not a view of the map
 
 
-def _dtype_name(x: np.ndarray) -> str:
-  return x.dtype.name
-
-
-def write(directory: str, tensors: Iterable[tuple[str, tuple[int, ...], str, callable]],
+def write(directory: str, tensors: Iterable[tuple[str, tuple[int, ...], str, Callable]],
           max_shard_bytes: int = 4 << 30) -> list[str]:
   """Writes safetensors shards (+ index when more than one) into `directory`.
 
@@ -101,7 +107,7 @@ def write(directory: str, tensors: Iterable[tuple[str, tuple[int, ...], str, cal
   planned from the shapes first, then each shard's tensors are fetched, written and
   released, so host memory holds one shard at a time. Returns the file names.
   """
-  plan: list[list[tuple[str, callable]]] = [[]]
+  plan: list[list[tuple[str, Callable]]] = [[]]
   size = 0
   for name, shape, dtype, fetch in tensors:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -118,6 +124,7 @@ def write(directory: str, tensors: Iterable[tuple[str, tuple[int, ...], str, cal
     arrays = {name: np.ascontiguousarray(fetch()) for name, fetch in shard}
     total += sum(a.nbytes for a in arrays.values())
     save_file(arrays, str(out / file), metadata={"format": "pt"})
+    logging.info("export: wrote %s (%.2f GB so far)", file, total / 1e9)
     weight_map.update({name: file for name in arrays})
     del arrays
   if n > 1:
@@ -132,7 +139,3 @@ def replace_dir(tmp: epath.Path, final: epath.Path) -> None:
   if final.exists():
     shutil.rmtree(str(final))
   tmp.rename(final)
-
-
-def iter_names(reader: Reader, prefix: str) -> Iterator[str]:
-  return (k for k in reader.keys() if k.startswith(prefix))
