@@ -60,7 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "stdlib"  # "stdlib" or comma-separated text files / globs.
-  d.tokenizer = "byte"  # Tokenizer name (moex/data/tokenizer.py).
+  # "byte" (259 ids), or a path (local or gs://): a Hugging Face tokenizer.json, a
+  # SentencePiece .model, or a directory holding tokenizer.json or tokenizer.model (a HF
+  # model directory, or WORKDIR/tokenizer of an earlier run). See moex/data/tokenizer.py.
+  d.tokenizer = "byte"
   d.val_fraction = 0.05  # Share of files (chosen by path hash) held out for evaluation.
   d.cache_dir = ""  # Token cache; "" = $MOEX_CACHE_DIR or ~/.cache/moex/tokens.
   d.seq_len = 256  # Tokens per training sequence L.

@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny config and a small text corpus written per test."""
+"""Shared test fixtures: a tiny config, a small text corpus written per test, tokenizers
+trained on a few stdlib files (no downloads), a fake gs:// store."""
 
 import os
 import pathlib
@@ -92,3 +93,54 @@ def _exact_float32_matmuls():
 def _cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path / "token_cache"))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(tmp_path_factory) -> pathlib.Path:
+  """A GPT-2 style byte-level BPE trained on a few stdlib files: DIR/tokenizer.json."""
+  from data_text import train_bpe  # pylint: disable=g-import-not-at-top
+  return train_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> pathlib.Path:
+  """A SentencePiece BPE trained on a few stdlib files: DIR/tokenizer.model."""
+  from data_text import train_sentencepiece  # pylint: disable=g-import-not-at-top
+  return train_sentencepiece(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+  """gs:// served from memory through etils.epath's fsspec backend (the one it uses when
+  TensorFlow is absent); like GCS, it cannot append. The cwd is an empty folder."""
+  import fsspec.registry  # pylint: disable=g-import-not-at-top,unused-import  (in sys.modules)
+  from etils.epath import backend as epath_backend  # pylint: disable=g-import-not-at-top
+  from fsspec.implementations.memory import MemoryFileSystem  # pylint: disable=g-import-not-at-top
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    store, pseudo_dirs = {}, [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      del finalize_on_close
+      super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return MemoryFileSystem._strip_protocol(str(path).removeprefix("gs://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+      if "a" in mode:
+        raise NotImplementedError("GCS objects cannot be appended to")
+      return super()._open(path, mode, **kwargs)
+
+  for name in ("gs", "gcs"):
+    # fsspec.registry is a read-only view of the module's _registry.
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)  # pylint: disable=protected-access
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield FakeGCS
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  assert not os.listdir(cwd)  # No local `gs:` folder: nothing went through os paths.

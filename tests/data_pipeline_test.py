@@ -7,6 +7,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from data_text import STDLIB_SAMPLE, stdlib_text
 
 from moex import config as config_lib
 from moex.data import pipeline
@@ -184,6 +185,26 @@ def test_build_end_to_end(tmp_path):
   # Every byte (not the specials) of the text is in one split or the other.
   total_bytes = sum(p.stat().st_size for p in src.rglob("*.py"))
   assert data.train_tokens + data.val_tokens == total_bytes + 2 * 30
+
+
+def test_build_with_a_bpe_tokenizer(bpe_dir, tmp_path):
+  """Windows of BPE ids (all < vocab_size); every file's tokens plus its EOS are in a split."""
+  src = tmp_path / "src"
+  src.mkdir()
+  texts = ["".join(stdlib_text(name).splitlines(keepends=True)[i * 40:(i + 1) * 40])
+           for name in STDLIB_SAMPLE for i in range(4)]
+  for i, text in enumerate(texts):
+    (src / f"m{i:02d}.py").write_text(text, "utf-8")
+  config = _data(source=f"{src}/*.py", tokenizer=str(bpe_dir), val_fraction=0.2,
+                 cache_dir=str(tmp_path / "cache"), seq_len=32, batch_size=4, eval_batches=2)
+  data = pipeline.build(config, seed=0)
+  tok = data.tokenizer
+  assert tok.name.startswith("hf:") and tok.vocab_size == 800
+  assert data.train_tokens + data.val_tokens == sum(len(tok.encode(t)) + 1 for t in texts)
+  for batch in [next(data.train_iter) for _ in range(5)] + data.eval_batches:
+    assert batch["tokens"].shape == (4, 33) and batch["tokens"].dtype == np.int32
+    assert 0 <= batch["tokens"].min() and batch["tokens"].max() < tok.vocab_size
+  assert len(data.eval_batches) == 2
 
 
 def test_build_reads_seq_len_and_batch_from_the_typed_view(tmp_path):

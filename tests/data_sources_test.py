@@ -160,6 +160,68 @@ def test_tokenized_array_default_cache_dir(tmp_path, monkeypatch):
   assert pathlib.Path(arr.filename).name.startswith("val-")
 
 
+def test_tokenized_array_with_a_bpe_tokenizer(bpe_dir, tmp_path):
+  """Each file's ids then EOS (this tokenizer has no BOS); a cache file of its own."""
+  tok = tokenizer.get_tokenizer(str(bpe_dir))
+  texts = ["def f(x):\n    return x  # café\n", "", "import os\n"]
+  files = [_write(tmp_path, f"m{i}.py", t) for i, t in enumerate(texts)]
+  cache = tmp_path / "cache"
+  arr = sources.tokenized_array(files, tok, str(cache), "train")
+  expected = []
+  for t in texts:
+    expected += tok.encode(t).tolist() + [tok.eos_id]
+  assert arr.dtype == np.uint16 and arr.tolist() == expected
+  assert tok.token_bytes[arr].sum() == sum(len(t.encode("utf-8")) for t in texts)
+  by_bytes = sources.tokenized_array(files, tokenizer.ByteTokenizer(), str(cache), "train")
+  assert by_bytes.filename != arr.filename and len(os.listdir(cache)) == 2
+
+
+def test_cache_key_follows_the_special_tokens_of_the_config_files(bpe_dir, tmp_path):
+  """BOS/EOS may come from tokenizer_config.json, which the tokenizer's name does not hash."""
+  d = tmp_path / "tok"
+  d.mkdir()
+  (d / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+  files = _tree(tmp_path / "src", 3)
+  cache = str(tmp_path / "cache")
+  plain = sources.tokenized_array(files, tokenizer.get_tokenizer(str(d)), cache, "train")
+  (d / "tokenizer_config.json").write_text('{"bos_token": "<|endoftext|>"}')
+  tok = tokenizer.get_tokenizer(str(d))
+  with_bos = sources.tokenized_array(files, tok, cache, "train")
+  assert with_bos.filename != plain.filename
+  assert with_bos.size == plain.size + 3 and with_bos[0] == tok.bos_id
+
+
+def test_tokenized_array_uint32_past_65536_ids_and_no_separators(tmp_path):
+  from data_text import write_word_level  # pylint: disable=g-import-not-at-top
+  (tmp_path / "tok").mkdir()
+  tok = tokenizer.get_tokenizer(str(write_word_level(tmp_path / "tok", 70_000)))
+  files = [_write(tmp_path, "a.txt", "w1 w65536\n"), _write(tmp_path, "b.txt", "w69999")]
+  with mock.patch.object(sources.logging, "warning") as warning:
+    arr = sources.tokenized_array(files, tok, str(tmp_path / "cache"), "train")
+  assert arr.dtype == np.uint32 and arr.tolist() == [1, 65536, 69999]
+  (call,) = warning.call_args_list  # neither BOS nor EOS: documents run together
+  assert (call.args[0] % call.args[1:]) == (
+      f"data.tokenizer: {tok.name} has neither BOS nor EOS; documents are packed with "
+      "nothing between them")
+  with mock.patch.object(sources.logging, "info") as info:
+    again = sources.tokenized_array(files, tok, str(tmp_path / "cache"), "train")
+  assert info.call_args_list[0].args[0].startswith("reusing cached tokens")
+  assert again.dtype == np.uint32 and again.tolist() == arr.tolist()
+
+
+def test_long_tokenization_logs_progress(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "_PROGRESS_SECONDS", 0.0)
+  monkeypatch.setattr(sources, "_CHUNK_FILES", 2)
+  files = _tree(tmp_path / "src", 5)
+  with mock.patch.object(sources.logging, "info") as info:
+    sources.tokenized_array(files, tokenizer.ByteTokenizer(), str(tmp_path / "cache"), "val")
+  lines = [c.args[0] % c.args[1:] for c in info.call_args_list
+           if c.args[0].startswith("tokenizing:")]
+  assert [l.split(",")[0] for l in lines] == [
+      "tokenizing: 2/5 files", "tokenizing: 4/5 files", "tokenizing: 5/5 files"]
+  assert lines[-1].endswith("MB, about 0 s left")
+
+
 @pytest.mark.parametrize("keep", ["half", "header", "empty", "garbage"])
 def test_damaged_cache_is_rebuilt_with_a_warning(tiny_config, keep):
   """A cache file cut short (a full disk, a killed copy) is derived data: rebuilt, not fatal."""

@@ -11,6 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from moex import config as config_lib
+from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.train import loop
 from moex.train import step as step_lib
 
@@ -48,6 +50,7 @@ def test_outputs_follow_their_contracts(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   result = loop.train_and_evaluate(tiny_config, workdir)
   assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert not os.path.exists(os.path.join(workdir, "tokenizer"))  # "byte" has no files
   assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tensorboard")))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert result["final_eval"]["bits_per_byte"] < result["first_eval"]["bits_per_byte"]
@@ -81,6 +84,45 @@ def test_outputs_follow_their_contracts(tiny_config, tmp_path):
       assert 0.0 <= r["routing_churn"] <= 1.0
     else:
       assert r["routing_churn"] is None
+
+
+def test_a_bad_tokenizer_path_is_a_config_error(tiny_config, tmp_path):
+  missing = tmp_path / "no_such_tokenizer"
+  tiny_config.data.tokenizer = str(missing)
+  with pytest.raises(config_lib.ConfigError) as e:
+    loop.prepare(tiny_config)
+  assert str(e.value).startswith(f"data.tokenizer: {missing}: no such file or directory; ")
+
+
+def test_training_with_a_bpe_tokenizer_keeps_it_in_the_workdir(tiny_config, bpe_dir, tmp_path):
+  """A tokenizer.json run: finite bits per byte, and WORKDIR/tokenizer/ reloads the same one."""
+  src = tmp_path / "tok"
+  src.mkdir()
+  (src / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+  (src / "tokenizer_config.json").write_text('{"bos_token": "<|endoftext|>"}')
+  tiny_config.data.tokenizer = str(src)
+  tiny_config.train.steps = tiny_config.train.eval_every = tiny_config.train.checkpoint_every = 2
+  workdir = tmp_path / "run"
+  result = loop.train_and_evaluate(tiny_config, str(workdir))
+  assert result["step"] == 2
+  final = result["final_eval"]
+  assert math.isfinite(final["bits_per_byte"]) and final["bits_per_byte"] > 0
+  # Divided by the bytes the BPE targets stand for (about 2 per token here), not by tokens.
+  data = pipeline.build(config_lib.validate(tiny_config, vocab_size=800).data, 0)
+  targets = np.concatenate([b["tokens"][:, 1:] for b in data.eval_batches])
+  text_bytes = int(data.tokenizer.token_bytes[targets].sum())
+  assert text_bytes > 1.5 * targets.size
+  assert final["bits_per_byte"] == pytest.approx(
+      final["loss"] / math.log(2) * targets.size / text_bytes, rel=1e-5)
+  saved = workdir / "tokenizer"
+  assert sorted(os.listdir(saved)) == ["tokenizer.json", "tokenizer_config.json"]
+  assert (saved / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+  again = tokenizer_lib.get_tokenizer(str(saved))
+  original = tokenizer_lib.get_tokenizer(str(src))
+  assert (again.name, again.bos_id, again.eos_id) == (original.name, original.bos_id,
+                                                      original.eos_id)
+  with open(workdir / "config.json") as f:
+    assert json.load(f)["model"]["vocab_size"] == 800
 
 
 def test_larger_steps_continues_from_checkpoint(tiny_config, tmp_path):

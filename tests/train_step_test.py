@@ -5,8 +5,10 @@ config gives pinned (golden) loss and gradient norm."""
 import jax
 import numpy as np
 import pytest
+from data_text import stdlib_text
 
 from moex import config as config_lib
+from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import optimizer, state as state_lib, step as step_lib
 
@@ -112,6 +114,35 @@ def test_probe_returns_first_choices(tiny_config):
         state["params"])
     np.testing.assert_array_equal(
         np.asarray(probe(zero_router, state["buffers"], tokens)), 0)
+
+
+def test_eval_bytes_are_the_bytes_of_the_text_with_a_bpe_tokenizer(tiny_config, bpe_dir):
+  """Bits per byte divide by the real bytes: on a stdlib snippet (accented letters included)
+  the eval step's target bytes are the UTF-8 bytes of the decoded targets, the text's."""
+  tok = tokenizer_lib.get_tokenizer(str(bpe_dir))
+  seq_len = tiny_config.data.seq_len
+  lines = stdlib_text("shlex.py").splitlines(keepends=True)
+  assert any(ord(c) > 127 for c in "".join(lines[:42]))
+  # The shortest prefix past those lines whose [EOS] + ids + [EOS] fills whole windows, so
+  # the targets of all windows are exactly ids + [EOS].
+  n = next(n for n in range(42, len(lines))
+           if (len(tok.encode("".join(lines[:n]))) + 1) % seq_len == 0)
+  text = "".join(lines[:n])
+  tokens = np.concatenate([[tok.eos_id], tok.encode(text), [tok.eos_id]])
+  windows = pipeline.PackedWindows(tokens, seq_len)
+  batch = np.stack([windows[i] for i in range(len(windows))])
+  assert tok.decode(batch[:, 1:]) == text.encode("utf-8")
+
+  cfg = config_lib.validate(tiny_config, vocab_size=tok.vocab_size)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  tx, _ = optimizer.make(cfg.opt, 10)
+  model, init_fn = state_lib.build(cfg, tx, mesh)
+  state = init_fn(0)
+  with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
+    core, _ = step_lib.make_eval_step(cfg, model.graphdef, tok.token_bytes)
+    scalars = jax.jit(core)(state["params"], state["buffers"], batch)["scalars"]
+  assert int(scalars["bytes"]) == len(text.encode("utf-8"))
+  assert int(scalars["tokens"]) == batch[:, 1:].size < len(text.encode("utf-8"))
 
 
 # One step of the tiny_config fixture (D=32, 2 layers, E=4, K=2, S=32, B=4, float32, seed 0)

@@ -6,10 +6,7 @@ import socket
 import subprocess
 import sys
 
-import fsspec.registry  # noqa: F401  (registers the module in sys.modules)
 import pytest
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 
 from moex import report
 from moex.train import checkpoint, loop, workdir, writers
@@ -122,40 +119,6 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
   after = json.loads((tmp_path / "lock").read_text())["heartbeat"]
   held.release()
   assert after > before and not (tmp_path / "lock").exists()
-
-
-@pytest.fixture
-def fake_gcs(monkeypatch, tmp_path):
-  """gs:// served from memory through etils.epath's fsspec backend (the one it uses when
-  TensorFlow is absent); like GCS, it cannot append. The cwd is an empty folder."""
-
-  class FakeGCS(MemoryFileSystem):
-    protocol = ("gs", "gcs")
-    store, pseudo_dirs = {}, [""]
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-      del finalize_on_close
-      super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-      return MemoryFileSystem._strip_protocol(str(path).removeprefix("gs://"))
-
-    def _open(self, path, mode="rb", **kwargs):
-      if "a" in mode:
-        raise NotImplementedError("GCS objects cannot be appended to")
-      return super()._open(path, mode, **kwargs)
-
-  for name in ("gs", "gcs"):
-    # fsspec.registry is a read-only view of the module's _registry.
-    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, FakeGCS)  # pylint: disable=protected-access
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-  cwd = tmp_path / "cwd"
-  cwd.mkdir()
-  monkeypatch.chdir(cwd)
-  yield FakeGCS
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-  assert not os.listdir(cwd)  # No local `gs:` folder: nothing went through os paths.
 
 
 def test_training_on_a_remote_workdir(fake_gcs, tiny_config, tmp_path, monkeypatch):

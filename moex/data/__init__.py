@@ -1,4 +1,5 @@
-"""Data: byte tokenizer, file sources with a token cache, grain pipelines."""
+"""Data: tokenizers (byte, Hugging Face, SentencePiece), file sources with a token cache,
+grain pipelines."""
 
 from moex.data.pipeline import build
 from moex.data.pipeline import Data
@@ -13,4 +14,7 @@ from moex.data.sources import split_files
 from moex.data.sources import tokenized_array
 from moex.data.tokenizer import ByteTokenizer
 from moex.data.tokenizer import get_tokenizer
+from moex.data.tokenizer import HFTokenizer
+from moex.data.tokenizer import id_dtype
+from moex.data.tokenizer import SPTokenizer
 from moex.data.tokenizer import Tokenizer

@@ -7,8 +7,9 @@ import os
 import pathlib
 import sysconfig
 import tempfile
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -18,6 +19,10 @@ from moex.data import tokenizer as tokenizer_lib
 _GLOB_CHARS = frozenset("*?[")
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages"})
 _CRC_BUCKETS = 10_000
+# Tokenize this much text per encode_batch call; log progress this often.
+_CHUNK_BYTES = 8 << 20
+_CHUNK_FILES = 2048
+_PROGRESS_SECONDS = 10.0
 
 
 def _stdlib_files() -> list[pathlib.Path]:
@@ -117,21 +122,72 @@ def _cache_key(
   desc = {
       "tokenizer": tokenizer.name,
       "vocab_size": tokenizer.vocab_size,
+      # From the tokenizer's config files (not in its name): they mark the documents.
+      "bos_id": tokenizer.bos_id,
+      "eos_id": tokenizer.eos_id,
       "files": [[str(f), s.st_size, s.st_mtime_ns] for f, s in zip(files, stats)],
   }
   blob = json.dumps(desc, sort_keys=True).encode("utf-8")
   return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _chunks(files: Sequence[pathlib.Path]) -> Iterator[list[pathlib.Path]]:
+  """Consecutive runs of files of about _CHUNK_BYTES together, for batched encoding."""
+  chunk, size = [], 0
+  for f in files:
+    chunk.append(f)
+    size += os.stat(f).st_size
+    if size >= _CHUNK_BYTES or len(chunk) >= _CHUNK_FILES:
+      yield chunk
+      chunk, size = [], 0
+  if chunk:
+    yield chunk
+
+
+def _separators(tokenizer: tokenizer_lib.Tokenizer, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """([BOS] or [], [EOS] or []): the ids around each document (-1 = the tokenizer has none)."""
+  if tokenizer.bos_id < 0 and tokenizer.eos_id < 0:
+    logging.warning("data.tokenizer: %s has neither BOS nor EOS; documents are packed with "
+                    "nothing between them", tokenizer.name)
+  one = lambda i: np.array([i] if i >= 0 else [], dtype)
+  return one(tokenizer.bos_id), one(tokenizer.eos_id)
+
+
+class _Progress:
+  """Logs files, MB and time left every _PROGRESS_SECONDS of a long tokenization."""
+
+  def __init__(self, files: Sequence[pathlib.Path]):
+    self.total_files, self.total_bytes = len(files), sum(os.stat(f).st_size for f in files)
+    self.files = self.bytes = 0
+    self.start = self.last = time.monotonic()
+
+  def update(self, files: int, nbytes: int) -> None:
+    self.files, self.bytes = self.files + files, self.bytes + nbytes
+    now = time.monotonic()
+    if now - self.last < _PROGRESS_SECONDS or not self.bytes:
+      return
+    self.last = now
+    left = (now - self.start) * max(self.total_bytes - self.bytes, 0) / self.bytes
+    logging.info("tokenizing: %d/%d files, %.1f/%.1f MB, about %.0f s left", self.files,
+                 self.total_files, self.bytes / 1e6, self.total_bytes / 1e6, left)
+
+
 def _tokenize(
     files: Sequence[pathlib.Path], tokenizer: tokenizer_lib.Tokenizer
 ) -> np.ndarray:
-  """[BOS] + encode(file) + [EOS] for each file, concatenated."""
-  pieces = []
-  bos = np.array([tokenizer.bos_id], np.uint16)
-  eos = np.array([tokenizer.eos_id], np.uint16)
-  for f in files:
-    pieces += [bos, tokenizer.encode(f.read_bytes()).astype(np.uint16), eos]
+  """[BOS] + encode(file) + [EOS] for each file (an absent BOS/EOS left out), concatenated.
+
+  Files are encoded in batches of about _CHUNK_BYTES (the libraries parallelize a batch).
+  """
+  dtype = tokenizer_lib.id_dtype(tokenizer.vocab_size)
+  bos, eos = _separators(tokenizer, dtype)
+  progress = _Progress(files)
+  pieces = [np.zeros([0], dtype)]
+  for chunk in _chunks(files):
+    docs = [f.read_bytes() for f in chunk]
+    for ids in tokenizer.encode_batch(docs):
+      pieces += [bos, ids.astype(dtype, copy=False), eos]
+    progress.update(len(chunk), sum(len(d) for d in docs))
   return np.concatenate(pieces)
 
 
@@ -157,17 +213,17 @@ def tokenized_array(
     cache_dir: str,
     name: str,
 ) -> np.ndarray:
-  """Returns the 1-D uint16 tokens of `files`, memory-mapped from a cache."""
-  if tokenizer.vocab_size > np.iinfo(np.uint16).max + 1:
-    raise ValueError(
-        f"data.tokenizer: vocab_size {tokenizer.vocab_size} does not fit uint16"
-    )
+  """Returns the 1-D tokens of `files`, memory-mapped from a cache.
+
+  Their dtype is tokenizer.id_dtype(vocab_size): uint16, or uint32 above 65536 ids.
+  """
+  dtype = tokenizer_lib.id_dtype(tokenizer.vocab_size)
   files = [pathlib.Path(f) for f in files]
   cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
   cache.mkdir(parents=True, exist_ok=True)
   path = cache / f"{name}-{_cache_key(files, tokenizer)}.npy"
   if path.exists():
-    cached = _load_cached(path)
+    cached = _load_cached(path, dtype)
     if cached is not None:
       logging.info("reusing cached tokens %s", path)
       return cached
@@ -179,14 +235,14 @@ def tokenized_array(
   return np.load(path, mmap_mode="r")
 
 
-def _load_cached(path: pathlib.Path) -> np.ndarray | None:
-  """The cached 1-D uint16 tokens at `path`, or None (with a warning) if it is damaged."""
+def _load_cached(path: pathlib.Path, dtype: np.dtype) -> np.ndarray | None:
+  """The cached 1-D `dtype` tokens at `path`, or None (with a warning) if it is damaged."""
   # The cache is derived data: a file cut short (full disk, killed copy, a writer older than
   # _save_atomic) or overwritten is rebuilt rather than ending the run.
   try:
     tokens = np.load(path, mmap_mode="r")
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-      raise ValueError(f"holds {tokens.dtype} of shape {tokens.shape}, not 1-D uint16")
+    if tokens.dtype != dtype or tokens.ndim != 1:
+      raise ValueError(f"holds {tokens.dtype} of shape {tokens.shape}, not 1-D {dtype}")
   except (ValueError, EOFError) as e:
     logging.warning("token cache %s is damaged (%s); tokenizing again", path,
                     str(e).splitlines()[0] if str(e) else type(e).__name__)

@@ -120,6 +120,8 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
     resolved["model"]["vocab_size"] = cfg.model.vocab_size
     (workdir_lib.path(workdir) / "config.json").write_text(
         json.dumps(resolved, indent=2, default=str))
+    # The tokenizer's files (none for "byte"), so the workdir alone can be read back.
+    tokenizer_lib.save(data.tokenizer, workdir_lib.path(workdir) / "tokenizer")
 
   tx, lr_schedule = optimizer.make(cfg.opt, cfg.train.steps)
   # Shardings are explicit NamedShardings from the config's rules: no mesh context needed.
