@@ -6,6 +6,7 @@ against the capacity path that drops nothing. Survivors and factors are written 
 literally.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,8 @@ import pytest
 from flax import nnx
 from moe_reference import JIT_OPTIONS
 
-from moex.moe import dispatch, gmm, routing
+from moex.config import MoEConfig
+from moex.moe import dispatch, experts as experts_lib, gmm, routing
 
 nnx.use_eager_sharding(False)
 
@@ -293,3 +295,50 @@ def test_renormalized_by_hand():
   kept = jnp.asarray([[[False, True], [False, False], [True, True]]])
   np.testing.assert_allclose(dispatch.renormalized(w, kept)[0],
                              [[0.0, 1.5], [0.0, 0.0], [0.4, 0.6]], rtol=1e-6)
+
+
+# The gather path (few tokens: a decode step).
+
+
+def test_plan_gathers_only_few_tokens_in_dropless_evaluation():
+  cfg = MoEConfig(num_experts=8, top_k=2)
+  assert dispatch.plan(cfg, False, 1, num_tokens=3).path == "gather"  # T*K = 6 < 8
+  assert dispatch.plan(cfg, False, 1, num_tokens=4).path == "dropless"  # 8, not < 8
+  assert dispatch.plan(cfg, False, 1).path == "dropless"  # T unknown
+  assert dispatch.plan(cfg, True, 1, num_tokens=1).path == "capacity"  # training
+  cf = dataclasses.replace(cfg, eval_capacity_factor=2.0)
+  assert dispatch.plan(cf, False, 1, num_tokens=1).path == "capacity"  # drops asked for
+  ec = dataclasses.replace(cfg, router="expert_choice", allow_noncausal_routing=True)
+  assert dispatch.plan(ec, False, 1, num_tokens=1).path == "expert_choice"
+
+
+def _expert_weights(e, d, f, seed=0):
+  rng = np.random.default_rng(seed)
+  w = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[1]), jnp.float32)
+  return experts_lib.ExpertWeights(w(e, d, f), w(e, d, f), w(e, f, d))
+
+
+@pytest.mark.parametrize("chunk_bytes", [experts_lib.GATHER_CHUNK_BYTES, 3 * 20 * 4])
+def test_gather_equals_dropless_and_never_touches_other_experts(chunk_bytes, monkeypatch):
+  """Three tokens, K=2 of E=8: the gather path gives the grouped matmul's output; with NaN
+  in every unchosen expert's weights it still does (a path that multiplied all experts and
+  masked the result would turn NaN). A small chunk splits each weight into row chunks."""
+  monkeypatch.setattr(experts_lib, "GATHER_CHUNK_BYTES", chunk_bytes)
+  g, s, d, f, e = 1, 3, 12, 20, 8
+  x = _x(g, s, d, seed=3)
+  index = [[[1, 6], [6, 2], [1, 4]]]
+  weight = [[[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]]]
+  r = _routing(index, weight, e)
+  w = _expert_weights(e, d, f)
+  grouped = lambda rows, sizes: (experts_lib.grouped(w, rows, sizes, "chunked"),
+                                 jnp.ones(rows.shape[:1], bool))
+  want, _ = dispatch.dropless_dispatch(x, r, _plan("dropless"), dispatch.Experts(None, grouped))
+  unused = np.setdiff1d(np.arange(e), np.ravel(index))
+  poisoned = experts_lib.ExpertWeights(*(a.at[unused].set(jnp.nan) for a in w))
+  gathered = lambda rows, ids: (experts_lib.gathered(poisoned, rows, ids),
+                                jnp.ones(rows.shape[:1], bool))
+  got, kept = jax.jit(lambda x: dispatch.gather_dispatch(
+      x, r, _plan("gather"), dispatch.Experts(None, None, gathered)))(x)
+  assert bool(jnp.all(kept))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert experts_lib._chunk_rows(d, f * 4) == (d if chunk_bytes > d * f * 4 else 3)

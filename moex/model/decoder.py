@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moex.config import ModelConfig, MoEConfig
+from moex.model import cache as kv_cache
 from moex.model.layers import Attention, Embed, RMSNorm, SwiGLU, normal, param
 from moex.moe.layer import MoEBlock, MoEOutput
 
@@ -33,6 +34,18 @@ class Block(nnx.Module):
     else:
       y_BxLxD, moe = self.ffn(h_BxLxD), None
     return x_BxLxD + y_BxLxD, moe
+
+  def cached(self, x_BxTxD: jax.Array, kv: kv_cache.LayerKV, at: kv_cache.Window, *,
+             tokens_BxT: jax.Array) -> tuple[jax.Array, kv_cache.LayerKV, MoEOutput | None]:
+    """Generation (evaluation mode): attention through the layer's cache."""
+    attn_BxTxD, kv = self.attn.cached(self.attn_norm(x_BxTxD), kv, at)
+    x_BxTxD = x_BxTxD + attn_BxTxD
+    h_BxTxD = self.ffn_norm(x_BxTxD)
+    if self.is_moe:
+      y_BxTxD, moe = self.ffn(h_BxTxD, train=False, tokens_BxL=tokens_BxT)
+    else:
+      y_BxTxD, moe = self.ffn(h_BxTxD), None
+    return x_BxTxD + y_BxTxD, kv, moe
 
 
 class Decoder(nnx.Module):
@@ -67,8 +80,39 @@ class Decoder(nnx.Module):
       x_BxLxD, moe = run_block(getattr(self, f"block_{i}"), x_BxLxD, layer_rng)
       if moe is not None:
         moe_outputs.append(moe)
+    return self._logits(x_BxLxD), _stack(moe_outputs)
+
+  def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD = self.final_norm(x_BxLxD)
     logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD,
                               self.unembed_DxV[...].astype(x_BxLxD.dtype))
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *moe_outputs) if moe_outputs else None
-    return logits_BxLxV.astype(jnp.float32), stacked
+    return logits_BxLxV.astype(jnp.float32)
+
+  def cached(self, tokens_BxT: jax.Array, cache: kv_cache.KVCache, *, last_only: bool = False
+             ) -> tuple[jax.Array, kv_cache.KVCache, MoEOutput | None]:
+    """Generation: T tokens per sequence written into the cache from column cache.index
+    (a prefill of left-padded prompts, or one decode step with T = 1), in evaluation mode
+    (MoE dropless unless moe.eval_capacity_factor > 0).
+
+    Returns (float32 logits [B, T, V], or [B, 1, V] of the last column when `last_only`;
+    the updated cache; the MoE blocks' MoEOutput stacked over MoE layers, or None).
+    """
+    at = kv_cache.window(cache, tokens_BxT.shape[1])
+    x_BxTxD = self.embed(tokens_BxT)
+    layers, moe_outputs = [], []
+    for i in range(self.num_layers):
+      x_BxTxD, kv, moe = getattr(self, f"block_{i}").cached(
+          x_BxTxD, cache.layers[i], at, tokens_BxT=tokens_BxT)
+      layers.append(kv)
+      if moe is not None:
+        moe_outputs.append(moe)
+    if last_only:
+      x_BxTxD = x_BxTxD[:, -1:]
+    new_cache = kv_cache.KVCache(tuple(layers), cache.start_B,
+                                 cache.index + tokens_BxT.shape[1])
+    return self._logits(x_BxTxD), new_cache, _stack(moe_outputs)
+
+
+def _stack(moe_outputs: list) -> MoEOutput | None:
+  """Per-layer MoEOutputs stacked on a leading axis N (None for a dense model)."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *moe_outputs) if moe_outputs else None

@@ -1,4 +1,5 @@
-"""Decoder building blocks: embedding, RMSNorm, rotary attention with GQA, SwiGLU.
+"""Decoder building blocks: embedding, RMSNorm, rotary attention with GQA (and its cached
+form for generation, moex/model/cache.py), SwiGLU.
 
 Shape letters: B batch, L length, D model width, V vocabulary, H query heads,
 J key/value heads, A head width, F feed-forward hidden width.
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moex.config import ModelConfig
+from moex.model import cache as kv_cache
 
 
 def normal(std: float):
@@ -88,17 +90,35 @@ class Attention(nnx.Module):
     b, l, h, a = x_BxLxHxA.shape
     return norm(x_BxLxHxA.reshape(b, l, h * a)).reshape(b, l, h, a)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+  def _qkv(self, x_BxLxD: jax.Array, pos_BxL: jax.Array):
+    """Queries [B, L, H, A], keys and values [B, L, J, A] at positions pos_BxL."""
     dt = x_BxLxD.dtype
-    b, l, _ = x_BxLxD.shape
-    pos_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
     q = jnp.einsum("bld,dha->blha", x_BxLxD, self.q_DxHxA[...].astype(dt))
     k = jnp.einsum("bld,dja->blja", x_BxLxD, self.k_DxJxA[...].astype(dt))
     v = jnp.einsum("bld,dja->blja", x_BxLxD, self.v_DxJxA[...].astype(dt))
     q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
-    q, k = rotary(q, pos_BxL, self.theta), rotary(k, pos_BxL, self.theta)
-    out_BxLxHxA = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return rotary(q, pos_BxL, self.theta), rotary(k, pos_BxL, self.theta), v
+
+  def _out(self, out_BxLxHxA: jax.Array) -> jax.Array:
+    dt = out_BxLxHxA.dtype
     return jnp.einsum("blha,had->bld", out_BxLxHxA, self.o_HxAxD[...].astype(dt))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Training and full-sequence evaluation: positions 0..L-1, causal."""
+    b, l, _ = x_BxLxD.shape
+    pos_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    q, k, v = self._qkv(x_BxLxD, pos_BxL)
+    return self._out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+
+  def cached(self, x_BxTxD: jax.Array, kv: kv_cache.LayerKV, at: kv_cache.Window
+             ) -> tuple[jax.Array, kv_cache.LayerKV]:
+    """Generation: T new tokens written into the layer's cache at `at.index`, attending to
+    the cache columns `at.mask_BxTxL` allows; returns (output [B, T, D], updated cache)."""
+    q, k, v = self._qkv(x_BxTxD, at.positions_BxT)
+    kv = kv_cache.write(kv, k, v, at.index)
+    out_BxTxHxA = jax.nn.dot_product_attention(q, kv.k_BxLxJxA, kv.v_BxLxJxA,
+                                               mask=at.mask_BxTxL[:, None])
+    return self._out(out_BxTxHxA), kv
 
 
 class SwiGLU(nnx.Module):

@@ -18,6 +18,10 @@ is a gather too), never with one-hot dispatch einsums, which cost as much as the
   `renormalize` (rescale them to the token's original total). A token whose every choice
   is dropped gets zero from this block and passes through on the residual.
 - dropless: every assignment is computed: rows sorted by expert, then a grouped matmul.
+- gather: dropless for a call with few tokens (T*K < E: a decode step at small batch,
+  chosen by `plan()` from that shape, evaluation only): each assignment's row is multiplied
+  by its own expert's weights, so only the K chosen experts' weights per token are read,
+  where a grouped matmul visits all E.
 - expert_choice: each expert takes its top-C tokens per group (routing.expert_choice); K is
   0 in the routing, so `kept` is [G, S, 0].
 
@@ -55,12 +59,15 @@ class Plan:
   renormalize: bool = False  # capacity path: survivors keep the token's total weight
 
 
-def plan(cfg: MoEConfig, train: bool, tokens_per_group: int) -> Plan:
+def plan(cfg: MoEConfig, train: bool, tokens_per_group: int,
+         num_tokens: int | None = None) -> Plan:
   """The one place that decides the path and capacity of a layer call.
 
   Training uses moe.dispatch with moe.capacity_factor; evaluation is dropless unless
   moe.eval_capacity_factor > 0. Expert choice is always capacity-bound (evaluation uses
-  eval_capacity_factor when set, else the training factor).
+  eval_capacity_factor when set, else the training factor). A dropless evaluation call
+  with so few tokens that T*K < E (`num_tokens` = T, all groups: a decode step at small
+  batch) gathers the chosen experts' weights instead of visiting every expert.
   """
   if cfg.router == "expert_choice":
     path = "expert_choice"
@@ -70,7 +77,8 @@ def plan(cfg: MoEConfig, train: bool, tokens_per_group: int) -> Plan:
     cf = cfg.capacity_factor if path == "capacity" else None
   else:
     cf = cfg.eval_capacity_factor if cfg.eval_capacity_factor > 0 else None
-    path = "capacity" if cf else "dropless"
+    few = num_tokens is not None and num_tokens * cfg.top_k < cfg.num_experts
+    path = "capacity" if cf else "gather" if few else "dropless"
   return Plan(path=path, capacity_factor=cf,
               capacity=None if cf is None else cfg.capacity(tokens_per_group, cf),
               tokens_per_group=tokens_per_group, num_experts=cfg.num_experts,
@@ -88,6 +96,9 @@ class Experts(NamedTuple):
   # (rows [M, D] sorted by expert, group sizes [E]) -> (out [M, D], kept [M]): kept is False
   # for rows that were not computed (the bounded expert-parallel buffer overflowed).
   grouped: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+  # (rows [M, D] in any order, each row's expert [M]) -> (out [M, D], kept [M]): reads only
+  # the weights of the experts named (on one device; see moex/moe/parallel.py).
+  gathered: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
 
 def capacity_positions(expert_index_GxSxK: jax.Array, num_experts: int,
@@ -189,6 +200,25 @@ def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   return y_TxD.reshape(g, s, d), kept_GxSxK
 
 
+def gather_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
+                    experts: Experts) -> tuple[jax.Array, jax.Array]:
+  """Few tokens (T*K < E, a decode step): each assignment's row times its own expert's
+  weights, gathered, so only the chosen experts' weights are read; nothing dropped."""
+  del plan
+  g, s, d = x_GxSxD.shape
+  k = routing.expert_index_GxSxK.shape[-1]
+  t = g * s
+  expert_M = routing.expert_index_GxSxK.reshape(t * k)  # token-major assignments
+  token_M = jnp.arange(t * k, dtype=jnp.int32) // k
+  inverse_TxK = jnp.arange(t * k, dtype=jnp.int32).reshape(t, k)
+  rows_MxD = permute.take_rows(x_GxSxD.reshape(t, d), token_M, inverse_TxK)
+  out_MxD, kept_M = experts.gathered(rows_MxD, expert_M)
+  kept_GxSxK = kept_M.reshape(g, s, k)
+  weight_GxSxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0)
+  y_TxD = _combine(out_MxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
+  return y_TxD.reshape(g, s, d), kept_GxSxK
+
+
 def expert_choice_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
                            experts: Experts) -> tuple[jax.Array, jax.Array]:
   """Each expert's C chosen tokens through that expert, weighted back onto the tokens."""
@@ -219,5 +249,6 @@ Dispatch = Callable[[jax.Array, Routing, Plan, Experts], tuple[jax.Array, jax.Ar
 PATHS: dict[str, Dispatch] = {
     "capacity": capacity_dispatch,
     "dropless": dropless_dispatch,
+    "gather": gather_dispatch,
     "expert_choice": expert_choice_dispatch,
 }

@@ -56,6 +56,51 @@ def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
   return gmm.grouped_matmul(jax.nn.silu(g) * u, w.down_ExFxD, group_sizes_E, backend)
 
 
+# Weight rows copied per inner step of `gathered`: about this many bytes, so the copy of an
+# expert's slice stays in a core's L2 cache while the matrix-vector product reads it.
+GATHER_CHUNK_BYTES = 2 << 20
+
+
+def _chunk_rows(rows: int, row_bytes: int) -> int:
+  """The largest divisor of `rows` whose chunk of rows fits GATHER_CHUNK_BYTES (>= 1)."""
+  target = max(1, GATHER_CHUNK_BYTES // max(row_bytes, 1))
+  return max(c for c in range(1, min(rows, target) + 1) if rows % c == 0)
+
+
+def _rows_times(x_R: jax.Array, w_ExRxC: jax.Array, e: jax.Array) -> jax.Array:
+  """x [R] @ w[e] [R, C] in chunks of rows, reading only expert e's slice: [C]."""
+  r, c = w_ExRxC.shape[1:]
+  n = _chunk_rows(r, c * w_ExRxC.dtype.itemsize)
+
+  def step(i, acc_C):
+    x_N = jax.lax.dynamic_slice_in_dim(x_R, i * n, n)
+    w_NxC = jax.lax.dynamic_slice(w_ExRxC, (e, i * n, 0), (1, n, c))[0]
+    return acc_C + (x_N[None] @ w_NxC)[0]
+
+  # Loop carries vary over the mesh axes their inputs vary over (inside shard_map).
+  return jax.lax.fori_loop(0, r // n, step, gmm.zeros_like_inputs((c,), x_R.dtype, x_R,
+                                                                  w_ExRxC, e))
+
+
+def gathered(w: ExpertWeights, x_MxD: jax.Array, expert_M: jax.Array) -> jax.Array:
+  """Row m through expert expert_M[m], reading only the named experts' weights: [M, D].
+
+  For a handful of rows (a decode step): a loop over rows whose body copies the expert's
+  weight slice chunk by chunk (dynamic slices inside a loop stay real matrix-vector
+  products on XLA:CPU; unrolled, it rewrote them into slow reductions).
+  """
+  w = w.astype(x_MxD.dtype)
+
+  def one(m, out_MxD):
+    x_D, e = x_MxD[m], expert_M[m]
+    h_F = (jax.nn.silu(_rows_times(x_D, w.gate_ExDxF, e))
+           * _rows_times(x_D, w.up_ExDxF, e))
+    return out_MxD.at[m].set(_rows_times(h_F, w.down_ExFxD, e))
+
+  return jax.lax.fori_loop(0, x_MxD.shape[0], one, gmm.zeros_like_inputs(
+      x_MxD.shape, x_MxD.dtype, x_MxD, *w, expert_M))
+
+
 class Experts(nnx.Module):
   """E independent SwiGLU experts' parameters."""
 

@@ -139,7 +139,7 @@ def default_chunk(num_rows: int, num_groups: int) -> int:
   return c
 
 
-def _zeros(shape, dtype, *like):
+def zeros_like_inputs(shape, dtype, *like):
   """Zeros that vary over the same mesh axes as `like` (loop carries inside shard_map must
   have the type the loop body gives them)."""
   z = jnp.zeros(shape, dtype)
@@ -160,7 +160,7 @@ def _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, transpose_w: bool = 
   f = w_ExDxF.shape[1] if transpose_w else w_ExDxF.shape[2]
   starts_E, _ = _bounds(group_sizes_E)
   x_pad = jnp.concatenate([x_MxD, jnp.zeros((chunk, d), x_MxD.dtype)])
-  out = _zeros((m + chunk, f), x_MxD.dtype, x_MxD, w_ExDxF, group_sizes_E)
+  out = zeros_like_inputs((m + chunk, f), x_MxD.dtype, x_MxD, w_ExDxF, group_sizes_E)
 
   def per_group(e, out):
     w_e = w_ExDxF[e].T if transpose_w else w_ExDxF[e]
@@ -192,13 +192,14 @@ def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int):
       dy_c = jax.lax.dynamic_slice(dy_pad, (r, 0), (chunk, f))
       return acc + x_c.T @ dy_c
 
-    acc = jax.lax.fori_loop(0, (group_sizes_E[e] + chunk - 1) // chunk, per_chunk,
-                            _zeros((d, f), jnp.float32, x_MxD, dy_MxF, group_sizes_E))
+    acc = jax.lax.fori_loop(
+        0, (group_sizes_E[e] + chunk - 1) // chunk, per_chunk,
+        zeros_like_inputs((d, f), jnp.float32, x_MxD, dy_MxF, group_sizes_E))
     return dw.at[e].set(acc.astype(dw.dtype))
 
   return jax.lax.fori_loop(0, num_groups, per_group,
-                           _zeros((num_groups, d, f), x_MxD.dtype, x_MxD, dy_MxF,
-                                  group_sizes_E))
+                           zeros_like_inputs((num_groups, d, f), x_MxD.dtype, x_MxD,
+                                             dy_MxF, group_sizes_E))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -78,8 +78,9 @@ class MoEBlock(nnx.Module):
     self.shared = (SwiGLU(model_cfg.d_model, width, model_cfg, rngs)
                    if moe_cfg.num_shared_experts else None)
 
-  def plan(self, train: bool, tokens_per_group: int) -> dispatch.Plan:
-    return dispatch.plan(self.cfg, train, tokens_per_group)
+  def plan(self, train: bool, tokens_per_group: int, num_tokens: int | None = None
+           ) -> dispatch.Plan:
+    return dispatch.plan(self.cfg, train, tokens_per_group, num_tokens)
 
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array | None = None,
                rng: jax.Array | None = None) -> tuple[jax.Array, MoEOutput]:
@@ -92,7 +93,8 @@ class MoEBlock(nnx.Module):
     args = (self.router.kernel_DxE[...], bias_E, self.experts.weights(), x_BxLxD, tokens_BxL,
             rng)
     # A group is one sequence: G = B, S = L.
-    fn = functools.partial(moe_forward, cfg=self.cfg, plan=self.plan(train, l), train=train)
+    fn = functools.partial(moe_forward, cfg=self.cfg, plan=self.plan(train, l, b * l),
+                           train=train)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
       y_BxLxD, layer_stats, first_BxL, new_bias = fn(*args, ax=parallel.Axes())

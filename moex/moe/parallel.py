@@ -10,6 +10,8 @@ This file supplies the dispatch paths' expert callbacks (`experts`, a dispatch.E
 the paths themselves (moex/moe/dispatch.py) never see devices.
 - buffered (capacity and expert-choice paths): the [E, G*C, D] buffer is already
   fixed-size, so one all_to_all there and one back.
+- gathered (gather path, T*K < E): on one expert rank, each row times its own expert's
+  weights (only those are read); across ranks, the dropless exchange below.
 - grouped (dropless path): rows arrive sorted by expert; each device sends each other a
   padded buffer of P rows (`pair_rows`): P = M_local (nothing can overflow) when
   moe.ep_buffer_factor is 0, else ceil(factor * M_local / ranks). Rows past the bound, the
@@ -90,10 +92,27 @@ def experts(w: experts_lib.ExpertWeights, ax: Axes, backend: str,
   if ax.expert_size == 1:
     grouped = lambda rows_MxD, sizes_E: (local(rows_MxD, sizes_E),
                                          jnp.ones(rows_MxD.shape[:1], bool))
+    gathered = lambda rows_MxD, expert_M: (
+        ax.psum_tensor(experts_lib.gathered(w, rows_MxD, expert_M)),
+        jnp.ones(rows_MxD.shape[:1], bool))
   else:
     grouped = functools.partial(_ep_grouped, local=local, ax=ax, backend=backend,
                                 buffer_factor=buffer_factor)
-  return dispatch.Experts(buffered, grouped)
+    gathered = functools.partial(_ep_gathered, grouped=grouped,
+                                 num_experts=w.gate_ExDxF.shape[0] * ax.expert_size)
+  return dispatch.Experts(buffered, grouped, gathered)
+
+
+def _ep_gathered(rows_MxD: jax.Array, expert_M: jax.Array, *, grouped, num_experts: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """The gather path across expert-parallel ranks: the rows are sorted by expert and sent
+  to their experts' owners (the dropless exchange), where each owner's grouped matmul
+  visits its E / ranks local experts; results come back in the rows' own order."""
+  order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
+  inverse_M = jnp.argsort(order_M).astype(jnp.int32)
+  sizes_E = jnp.bincount(expert_M, length=num_experts).astype(jnp.int32)
+  out_MxD, kept_M = grouped(rows_MxD[order_M], sizes_E)
+  return out_MxD[inverse_M], kept_M[inverse_M]
 
 
 def _ep_grouped(rows_MxD: jax.Array, sizes_E: jax.Array, *,

@@ -16,7 +16,7 @@ the per-expert token lists [G, E, C] instead, which only its dispatch path reads
 | switch        | top-1 of softmax                    | that probability                 | Switch (Fedus et al. 2021) |
 | sigmoid_bias  | top-k of sigmoid + bias, in the best topk_groups of num_groups groups | sigmoid score / sum of chosen scores * routed_scaling | DeepSeek-V3 (2024), aux-loss-free balancing (Wang et al. 2024) |
 | hash          | k consecutive experts from a hash of the token id | 1/k            | Hash layers (Roller et al. 2021) |
-| random        | k experts uniformly at random       | 1/k                              | baseline |
+| random        | k experts uniformly at random (eval: fixed per token id) | 1/k         | baseline |
 | expert_choice | each expert: its top-C tokens | their probability | Zhou et al. 2022 |
 """
 
@@ -138,8 +138,15 @@ def hash_router(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
 
 
 def random_router(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
-  """k distinct experts uniformly at random (fresh each training step; fixed at eval)."""
-  noise_GxSxE = jax.random.uniform(ctx.rng, logits_GxSxE.shape)
+  """k distinct experts uniformly at random: fresh each training step; at eval a fixed
+  draw per token id, so a token's experts do not depend on the batch's shape (cached
+  decoding routes as the full forward does)."""
+  if ctx.train:
+    noise_GxSxE = jax.random.uniform(ctx.rng, logits_GxSxE.shape)
+  else:
+    e = logits_GxSxE.shape[-1]
+    draw = lambda token: jax.random.uniform(jax.random.fold_in(ctx.rng, token), (e,))
+    noise_GxSxE = jax.vmap(jax.vmap(draw))(ctx.tokens_GxS.astype(jnp.uint32))
   _, index_GxSxK = jax.lax.top_k(noise_GxSxE, cfg.top_k)
   return _uniform_routing(index_GxSxK, logits_GxSxE, cfg)
 
