@@ -93,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.async_checkpointing = True  # Write checkpoints in a background thread.
   t.progress_seconds = 10.0  # A progress line at least this often.
   t.grad_accum_steps = 1  # Micro-batches per step (gradients averaged; same result).
+  t.init_from = ""  # Fine-tuning: a workdir (local or gs://) whose parameters start this run
+  # when its own workdir has no checkpoint yet (a resume ignores it); read from its params/
+  # (an imported model) or else its newest checkpoint, cast to model.param_dtype. "" = off.
 
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Mesh axis sizes; one may be -1 = all remaining devices.

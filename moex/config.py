@@ -159,6 +159,7 @@ class TrainConfig:
   async_checkpointing: bool
   progress_seconds: float
   grad_accum_steps: int = 1
+  init_from: str = ""  # A workdir whose parameters start a fresh run; "" = random init.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +330,8 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
 
   _positive("train", train, "steps", "log_every", "eval_every", "checkpoint_every",
             "keep_checkpoints", "progress_seconds", "grad_accum_steps")
+  _check(isinstance(train.init_from, str), "train.init_from",
+         f"must be a str (a workdir path or gs:// URL; '' = off), got {train.init_from!r}")
   _check(data.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
          f"{train.grad_accum_steps} does not divide data.batch_size={data.batch_size}")
 

@@ -38,7 +38,7 @@ from moex import config as config_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.interop import hf
 from moex.parallel import mesh as mesh_lib
-from moex.train import checkpoint, state as state_lib, workdir as workdir_lib
+from moex.train import checkpoint, init_from, state as state_lib, workdir as workdir_lib
 
 _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "experiments", "tiny.py")
@@ -68,7 +68,7 @@ def import_hf(hf_dir: str, workdir: str, base: ml_collections.ConfigDict,
   """Hugging Face directory -> moex workdir (see the module docstring); returns the config."""
   fam, hf_config, model, moe = hf.moex_sections(hf_dir)
   out = workdir_lib.path(workdir)
-  if (out / "config.json").exists() or (out / checkpoint.PARAMS).exists():
+  if (out / "config.json").exists() or (out / init_from.PARAMS).exists():
     raise ConvertError(f"--workdir={workdir}: already holds a model; pick a new directory")
   workdir_lib.make(workdir)
   tok_files = (hf.tokenizer_files(hf_dir) if tokenizer is None else
@@ -96,7 +96,7 @@ def import_hf(hf_dir: str, workdir: str, base: ml_collections.ConfigDict,
     raise ConvertError(f"{fam.architecture}: the moex model has buffers the checkpoint lacks")
   logging.info("import: %s from %s (%s)", fam.architecture, hf_dir, cfg.model.param_dtype)
   params = hf.load_params(hf_dir, cfg, abs_params, fam)
-  checkpoint.save_params(workdir, params, abs_buffers)
+  init_from.save_params(workdir, params, abs_buffers)
   del params
   (out / SOURCE).write_text(json.dumps({"architecture": fam.architecture,
                                         "directory": str(hf_dir), "config": hf_config},
@@ -142,7 +142,7 @@ def export_hf(workdir: str, out_dir: str, architecture: str | None = None,
   mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
   _, abs_params, abs_buffers = state_lib.abstract_variables(
       dataclasses.replace(cfg, mesh=one), mesh)
-  params, _ = checkpoint.load_params(workdir, abs_params, abs_buffers)
+  params, _ = init_from.load_params(workdir, abs_params, abs_buffers)
   src = workdir_lib.path(workdir) / SOURCE
   source = json.loads(src.read_text()) if src.exists() else {}
   tok_dir = workdir_lib.path(workdir) / "tokenizer"

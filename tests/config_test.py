@@ -119,6 +119,18 @@ def test_dense_layers_override_the_moe_pattern():
   assert cfg.model.dense_layers == (0, 2)
 
 
+def test_init_from_must_be_a_path_string():
+  cd = tiny.get_config()
+  assert config_lib.validate(cd, vocab_size=259).train.init_from == ""  # off by default
+  with cd.unlocked():
+    del cd.train["init_from"]
+    cd.train.init_from = 3
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cd, vocab_size=259)
+  assert str(e.value) == ("train.init_from: must be a str (a workdir path or gs:// URL; '' = "
+                          "off), got 3")
+
+
 def test_rules_name_known_logical_axes():
   cd = tiny.get_config()
   cd.mesh.rules = tuple(cd.mesh.rules) + (("experts", "expert"),)  # typo of "expert"

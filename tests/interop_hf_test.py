@@ -245,3 +245,24 @@ def test_import_onto_an_expert_parallel_mesh(tmp_path):
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert len(out["shards"]) == 8 and all(s == [2, 32, 24] for s in out["shards"])
   assert out["max_diff"] <= 1e-5
+
+
+def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+  model = _hf_model("qwen3_moe").to(torch.bfloat16)
+  model.save_pretrained(tmp_path)
+  fam, hf_config, model_section, _ = hf.moex_sections(str(tmp_path))
+  assert hf_config["dtype"] == "bfloat16"
+  assert model_section["param_dtype"] == model_section["dtype"] == "bfloat16"
+  cd = tiny.get_config()
+  cd.model.update(model_section)
+  cd.moe.update(hf.moex_sections(str(tmp_path))[3])
+  cfg = config_lib.validate(cd)
+  _, abs_params, _ = state_lib.abstract_variables(cfg, mesh_lib.make_mesh(cfg.mesh))
+  params = hf.load_params(str(tmp_path), cfg, abs_params, fam)
+  dtypes = {"/".join(map(str, (getattr(k, "key", k) for k in path))): v.dtype
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert dtypes["block_0/ffn/router/kernel_DxE"] == np.float32  # moex's router is float32
+  assert {str(d) for k, d in dtypes.items() if "router" not in k} == {"bfloat16"}
+  want = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].float().numpy()
+  got = np.asarray(params["block_0"]["attn"]["q_DxHxA"], np.float32)
+  np.testing.assert_array_equal(got.reshape(got.shape[0], -1).T, want)  # bit-exact

@@ -1,8 +1,10 @@
 """The training driver: config -> data, model, state -> jitted steps -> outputs in the workdir.
 
-Resumes from the latest checkpoint in DIR/checkpoints when there is one. Stops cleanly on
-SIGTERM/SIGINT (saving a checkpoint first) and with FloatingPointError on a non-finite loss,
-gradient or state (only finite states are saved, so every checkpoint on disk is good).
+Resumes from the latest checkpoint in DIR/checkpoints when there is one; else starts at step
+0 from random parameters or, with train.init_from, from another workdir's (fine-tuning).
+Stops cleanly on SIGTERM/SIGINT (saving a checkpoint first) and with FloatingPointError on a
+non-finite loss, gradient or state (only finite states are saved, so every checkpoint on
+disk is good).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.moe import dispatch as moe_dispatch, stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
-from moex.train import checkpoint, flops, optimizer, state as state_lib, step as step_lib
+from moex.train import checkpoint, flops, init_from, optimizer, state as state_lib
+from moex.train import step as step_lib
 from moex.train import workdir as workdir_lib, writers
 
 
@@ -129,12 +132,12 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
   ckpt = checkpoint.Checkpointer(workdir, cfg.train)
   try:
     latest, state = ckpt.restore_latest(model.abstract_state, data.train_iter)
+    if latest is None:  # A resume always wins over train.init_from.
+      state = _initial_state(cfg, model, tx, init_fn)
   except BaseException:
     ckpt.close()  # Leaves no orbax threads behind to fail at exit.
     raise
-  if latest is None:
-    state = init_fn(cfg.seed)
-  elif previous_steps is not None:
+  if latest is not None and previous_steps is not None:
     _warn_if_schedule_changed(cfg.opt, previous_steps, cfg.train.steps, latest)
   logging.info("model: %.2fM parameters, MoE layers %s", state_lib.param_count(state) / 1e6,
                list(cfg.model.moe_layers))
@@ -146,6 +149,15 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
     finally:
       runner.writer.close()
       ckpt.close()
+
+
+def _initial_state(cfg: config_lib.Config, model: state_lib.Model, tx, init_fn) -> dict:
+  """The step-0 state: random parameters, or train.init_from's with a fresh optimizer."""
+  if not cfg.train.init_from:
+    return init_fn(cfg.seed)
+  params, buffers = init_from.load_params(cfg.train.init_from, model.abstract_state["params"],
+                                          model.abstract_state["buffers"])
+  return state_lib.start_from(model, tx, params, buffers, cfg.seed)
 
 
 def _previous_steps(workdir: str) -> int | None:

@@ -40,6 +40,12 @@ def _split(model: Decoder):
   return graphdef, params, buffers
 
 
+def _state(params: dict, buffers: dict, tx: optax.GradientTransformation, key) -> dict:
+  """A step-0 train state: fresh optimizer state, the RNG of `key`."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": buffers,
+          "opt_state": tx.init(params), "rng": jax.random.key_data(key)}
+
+
 def _abstract(cfg: Config, mesh: Mesh):
   """(graphdef, abstract params, abstract buffers, param shardings, buffer shardings)."""
   abstract = nnx.eval_shape(lambda: Decoder(cfg.model, cfg.moe, nnx.Rngs(0)))
@@ -66,9 +72,7 @@ def build(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh):
   def init(key):
     model = Decoder(cfg.model, cfg.moe, nnx.Rngs(key))
     _, params, buffers = _split(model)
-    params, buffers = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": buffers,
-            "opt_state": tx.init(params), "rng": jax.random.key_data(key)}
+    return _state(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers), tx, key)
 
   abs_state = jax.eval_shape(init, jax.random.PRNGKey(0))
   # Optimizer moments are sharded like the parameters they track; scalars replicated.
@@ -80,6 +84,18 @@ def build(cfg: Config, tx: optax.GradientTransformation, mesh: Mesh):
                            abs_state, state_sh)
   init_fn = jax.jit(lambda seed: init(jax.random.PRNGKey(seed)), out_shardings=state_sh)
   return Model(graphdef, state_sh, abs_state), init_fn
+
+
+def start_from(model: Model, tx: optax.GradientTransformation, params: dict, buffers: dict,
+               seed: int) -> dict:
+  """The step-0 state around given parameters and buffers (train.init_from): the optimizer
+  state initialised on them and the RNG of `seed`, as init_fn(seed) makes them, placed on
+  the state's shardings. `params` and `buffers` are donated."""
+  sh = model.state_shardings
+  make = jax.jit(lambda p, b: _state(p, b, tx, jax.random.PRNGKey(seed)),
+                 in_shardings=(sh["params"], sh["buffers"]), out_shardings=sh,
+                 donate_argnums=(0, 1))
+  return make(params, buffers)
 
 
 def param_count(state: dict) -> int:
