@@ -42,7 +42,8 @@ from moex import sample as sample_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.model import cache as kv_cache
 from moex.parallel import mesh as mesh_lib, sharding
-from moex.train import checkpoint, state as state_lib, workdir as workdir_lib
+from moex.train import checkpoint, init_from, state as state_lib
+from moex.train import workdir as workdir_lib
 
 PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this (fewer compiles)
 
@@ -124,7 +125,7 @@ class Generator:
   def __init__(self, cfg: config_lib.Config, graphdef, params, buffers, mesh: Mesh, *,
                batch_size: int, cache_len: int,
                sampling: sample_lib.Sampling = sample_lib.Sampling(), seed: int = 0,
-               track_experts: bool = False):
+               track_experts: bool = False, compiler_options: dict | None = None):
     refuse_noncausal(cfg)
     sampling.check()
     shards = sharding.batch_shards(cfg.mesh.rules, mesh)
@@ -135,6 +136,7 @@ class Generator:
     self.params, self.buffers = params, buffers
     self.batch_size, self.cache_len = batch_size, cache_len
     self.sampling, self.seed, self.track_experts = sampling, seed, track_experts
+    self.compiler_options = compiler_options  # XLA options (tests: faster compiles)
     rules = cfg.mesh.rules
     self._batch1 = sharding.batch_sharding(rules, mesh, 1)
     self._batch2 = sharding.batch_sharding(rules, mesh, 2)
@@ -143,6 +145,7 @@ class Generator:
     self._prefills: dict[int, Any] = {}
     self._step = None
     self.timing = Timing()
+    self.compilations = 0  # prefill widths + 1 decode step: each shape compiles once
 
   # -- compiled functions -----------------------------------------------------------------
 
@@ -175,8 +178,9 @@ class Generator:
     out_sh = (self._batch1, self._batch2, self._cache_sh, self._rep)
     with jax.set_mesh(self.mesh), sharding.use_rules(self.cfg.mesh.rules):
       compiled = jax.jit(fn, donate_argnums=donate, out_shardings=out_sh).lower(
-          *args).compile()
+          *args).compile(self.compiler_options)
     self.timing.compile_s += time.perf_counter() - t0
+    self.compilations += 1
     return compiled
 
   def prefill(self, tokens_BxP: np.ndarray, start_B: np.ndarray, sequence_B: np.ndarray):
@@ -215,19 +219,21 @@ class Generator:
 
   def generate(self, prompts: Sequence[np.ndarray], max_new_tokens: int, *, eos_id: int = -1,
                on_token: Callable[[int, int], None] | None = None,
-               keep_logits: bool = False) -> list[Completion]:
+               keep_logits: bool = False, first_index: int = 0) -> list[Completion]:
     """Every prompt's continuation, batch after batch.
 
-    `on_token(prompt index, token)` is called for each new token as soon as it is chosen
-    (EOS included), for streaming. `keep_logits` keeps each generated position's logits.
+    Prompt i is sequence first_index + i: its sampling stream (moex/sample.py keys) and the
+    index `on_token(index, token)` is called with for each new token as soon as it is
+    chosen (EOS included), for streaming. `keep_logits` keeps each generated position's
+    logits.
     """
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
     check_prompts(prompts, max_new_tokens, self.cache_len)
     out = []
     for first in range(0, len(prompts), self.batch_size):
-      ids = list(range(first, min(first + self.batch_size, len(prompts))))
-      out += self._batch([prompts[i] for i in ids], ids, max_new_tokens, eos_id, on_token,
-                         keep_logits)
+      rows = range(first, min(first + self.batch_size, len(prompts)))
+      out += self._batch([prompts[i] for i in rows], [first_index + i for i in rows],
+                         max_new_tokens, eos_id, on_token, keep_logits)
     return out
 
   def _batch(self, prompts, ids, max_new_tokens, eos_id, on_token, keep_logits):
@@ -271,25 +277,6 @@ class Generator:
 # ---------------------------------------------------------------------------------------
 # The command.
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained or imported moex workdir.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for several).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line "
-                                    "(blank lines skipped).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; else the sampling "
-                                  "temperature.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens of total "
-                            "probability p (1 = all).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "Prompts decoded together.")
-_CACHE_LEN = flags.DEFINE_integer("cache_len", 0, "KV cache columns per sequence (0 = the "
-                                  "longest prompt + max_new_tokens, rounded up).")
-_MESH = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. expert=8 or data=2,expert=4 "
-                            "(unnamed axes 1); default: the workdir's mesh.")
-_STREAM = flags.DEFINE_bool("stream", True, "Print tokens as they come (batches of one).")
-
-
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """WORKDIR/config.json (GenerateError, one line, when it is missing or not JSON)."""
   path = workdir_lib.path(workdir) / "config.json"
@@ -332,9 +319,28 @@ def load(workdir: str, mesh_text: str = ""):
   if cfg.moe.num_experts % ranks:
     raise GenerateError(f"--mesh: {cfg.moe.num_experts} experts do not divide over its "
                         f"{ranks} expert-parallel ranks")
+  _check_has_weights(workdir)
   graphdef, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
-  params, buffers = checkpoint.load_params(workdir, abs_params, abs_buffers)
+  try:
+    params, buffers = init_from.load_params(workdir, abs_params, abs_buffers)
+  except (config_lib.ConfigError, checkpoint.CheckpointError) as e:
+    raise GenerateError(str(e).replace("train.init_from: ", f"--workdir={workdir}: ", 1)
+                        ) from None
   return cfg, tok, mesh, graphdef, params, buffers
+
+
+def _check_has_weights(workdir: str) -> None:
+  """GenerateError unless the workdir holds params/ (an import) or a checkpoint."""
+  root = workdir_lib.path(workdir)
+  if (root / init_from.PARAMS).exists():
+    return
+  ckpts = root / "checkpoints"
+  if ckpts.exists() and any((d / "state").exists() for d in ckpts.iterdir()
+                            if d.name.isdigit()):
+    return
+  raise GenerateError(f"--workdir={workdir}: no checkpoint (checkpoints/N/) and no imported "
+                      f"{init_from.PARAMS}/ to generate from; train it (python -m moex.main) "
+                      "or import a model (python -m moex.convert --from_hf)")
 
 
 def read_prompts(texts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -363,8 +369,8 @@ def encode(tok, text: str) -> np.ndarray:
 class _Streamer:
   """Prints one sequence's text as its tokens arrive (whole UTF-8 characters only)."""
 
-  def __init__(self, tok, eos_id: int):
-    self.tok, self.eos_id = tok, eos_id
+  def __init__(self, tok, eos_id: int, out):
+    self.tok, self.eos_id, self.out = tok, eos_id, out
     self.tokens: list[int] = []
     self.printed = 0
     self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -375,8 +381,8 @@ class _Streamer:
       return
     self.tokens.append(token)
     data = self.tok.decode(np.asarray(self.tokens))
-    sys.stdout.write(self.utf8.decode(data[self.printed:]))
-    sys.stdout.flush()
+    self.out.write(self.utf8.decode(data[self.printed:]))
+    self.out.flush()
     self.printed = len(data)
 
 
@@ -397,7 +403,7 @@ def run(workdir: str, texts: Sequence[str], *, max_new_tokens: int,
       out.write(f"--- prompt {i}\n{text}")
       out.flush()
       seqs = gen.generate([prompts[i]], max_new_tokens, eos_id=tok.eos_id,
-                          on_token=_Streamer(tok, tok.eos_id))
+                          on_token=_Streamer(tok, tok.eos_id, out), first_index=i)
       completion = _text(tok, seqs[0].tokens)
       out.write("\n")
       texts_out.append(completion)
@@ -419,25 +425,46 @@ def _text(tok, tokens: list[int]) -> str:
   return tok.decode(np.asarray(tokens, np.int32)).decode("utf-8", errors="replace")
 
 
+def _define_flags() -> None:
+  """Flags only when run as a program (moex.main and moex.convert define --workdir too)."""
+  flags.DEFINE_string("workdir", None, "A trained or imported moex workdir.")
+  flags.DEFINE_multi_string("prompt", [], "A prompt (repeat for several).")
+  flags.DEFINE_string("prompts_file", None, "A file with one prompt per line (blank lines "
+                      "skipped).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy; else the sampling temperature.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens of total "
+                     "probability p (1 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
+  flags.DEFINE_integer("batch_size", 1, "Prompts decoded together.")
+  flags.DEFINE_integer("cache_len", 0, "KV cache columns per sequence (0 = the longest "
+                       "prompt + max_new_tokens, rounded up).")
+  flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. expert=8 or data=2,expert=4 "
+                      "(unnamed axes 1); default: the workdir's mesh.")
+  flags.DEFINE_bool("stream", True, "Print tokens as they come (batches of one prompt).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     sys.exit("moex.generate: give --workdir=DIR (a trained or imported workdir)")
   try:
-    texts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
-    sampling = sample_lib.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    texts = read_prompts(f.prompt, f.prompts_file)
+    sampling = sample_lib.Sampling(f.temperature, f.top_k, f.top_p)
     try:
       sampling.check()
     except ValueError as e:
       raise GenerateError(str(e)) from None
-    run(_WORKDIR.value, texts, max_new_tokens=_MAX_NEW.value, sampling=sampling,
-        seed=_SEED.value, batch_size=_BATCH.value, cache_len=_CACHE_LEN.value,
-        mesh_text=_MESH.value, stream=_STREAM.value)
+    run(f.workdir, texts, max_new_tokens=f.max_new_tokens, sampling=sampling, seed=f.seed,
+        batch_size=f.batch_size, cache_len=f.cache_len, mesh_text=f.mesh, stream=f.stream)
   except (GenerateError, config_lib.ConfigError, workdir_lib.WorkdirError,
           checkpoint.CheckpointError) as e:
     sys.exit(f"moex.generate: {e}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
