@@ -80,6 +80,9 @@ class Timing:
   decode_tokens: int = 0  # tokens produced by decode steps for live sequences
   compile_s: float = 0.0
   step_s: list[float] = dataclasses.field(default_factory=list)  # each decode step
+  # With track_experts: the (MoE layer, expert) pairs each decode step used, i.e. whose
+  # weights it had to read.
+  step_experts: list[int] = dataclasses.field(default_factory=list)
 
   @property
   def prefill_tps(self) -> float:
@@ -255,8 +258,10 @@ class Generator:
     seq_dev = jax.device_put(sequence_B, self._batch1)
     for t in range(max_new_tokens):
       if t > 0:
-        next_B, logits_BxV, cache, _ = self.step(cache, next_B, seq_dev, t)
+        next_B, logits_BxV, cache, loads = self.step(cache, next_B, seq_dev, t)
         self.timing.decode_tokens += int(live.sum())
+        if self.track_experts:
+          self.timing.step_experts.append(int(np.count_nonzero(np.asarray(loads))))
       next_np = np.asarray(next_B)
       logits_np = np.asarray(logits_BxV) if keep_logits else None
       for row in np.flatnonzero(live):
