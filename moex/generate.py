@@ -133,8 +133,8 @@ class Generator:
     sampling.check()
     shards = sharding.batch_shards(cfg.mesh.rules, mesh)
     if batch_size < 1 or batch_size % shards:
-      raise GenerateError(f"--batch_size: {batch_size} does not divide over the {shards} "
-                          "batch shards of the mesh (data x fsdp x expert)")
+      raise GenerateError(f"--batch_size: {batch_size} is not a positive multiple of the "
+                          f"{shards} batch shards of the mesh (data x fsdp x expert)")
     self.cfg, self.mesh, self.graphdef = cfg, mesh, graphdef
     self.params, self.buffers = params, buffers
     self.batch_size, self.cache_len = batch_size, cache_len

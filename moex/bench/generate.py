@@ -41,20 +41,6 @@ from moex.moe import dispatch
 from moex.parallel import mesh as mesh_lib
 from moex.train import state as state_lib
 
-_BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
-_STEPS = flags.DEFINE_integer("steps", 32, "Decode steps per run.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs per batch size (prefill: best; decode "
-                                "steps: median over all).")
-_D = flags.DEFINE_integer("d_model", 768, "Model width D.")
-_F = flags.DEFINE_integer("d_expert", 1536, "Expert width F.")
-_LAYERS = flags.DEFINE_integer("num_layers", 4, "Decoder blocks.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size V.")
-_MODELS = flags.DEFINE_list("models", ["moe", "dense_active", "dense_total", "moe_grouped"],
-                            "Models to run.")
-_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
-_FIGURE = flags.DEFINE_string("figure", None, "Write the decode-step figure (PNG) here.")
-
 E, K = 8, 2
 BANDWIDTH_BYTES = 512 << 20
 
@@ -134,7 +120,8 @@ def _grouped_instead_of_gather():
 class Model:
   """One benchmark model: config, parameters and the byte counts of its weights."""
 
-  def __init__(self, name: str, same_weights: "Model | None" = None):
+  def __init__(self, name: str, shape: dict, same_weights: "Model | None" = None):
+    """`shape`: model_config's d, f, layers, vocab."""
     self.name = name
     if same_weights is not None:  # moe_grouped: the moe model's weights, another path
       self.cfg, self.mesh, self.wb = same_weights.cfg, same_weights.mesh, same_weights.wb
@@ -142,7 +129,7 @@ class Model:
       self.buffers = same_weights.buffers
       return
     base = "moe" if name == "moe_grouped" else name
-    self.cfg = model_config(base, _D.value, _F.value, _LAYERS.value, _VOCAB.value)
+    self.cfg = model_config(base, **shape)
     self.mesh = mesh_lib.make_mesh(self.cfg.mesh, devices=jax.devices()[:1])
     self.graphdef, self.params, self.buffers = _params(self.cfg, self.mesh)
     self.wb = weight_bytes(self.cfg, self.params)
@@ -174,7 +161,8 @@ def measure_batch(models: list[Model], batch: int, bandwidth: float, prompt_len:
   so that a change in the machine's load falls on all of them alike."""
   cache_len = generate.auto_cache_len([np.zeros(prompt_len)], steps + 1)
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, _VOCAB.value, prompt_len) for _ in range(batch)]
+  vocab = models[0].cfg.model.vocab_size
+  prompts = [rng.integers(0, vocab, prompt_len) for _ in range(batch)]
   gens, experts = {}, {}
   for m in models:
     gens[m.name] = m.generator(batch, cache_len)
@@ -294,33 +282,51 @@ def figure(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def _define_flags() -> None:
+  """Flags only when run as a program (other modules define --json, --steps, --figure)."""
+  flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
+  flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
+  flags.DEFINE_integer("steps", 32, "Decode steps per run.")
+  flags.DEFINE_integer("repeats", 3, "Rounds per batch size (prefill: best; decode steps: "
+                       "median over all).")
+  flags.DEFINE_integer("d_model", 768, "Model width D.")
+  flags.DEFINE_integer("d_expert", 1536, "Expert width F.")
+  flags.DEFINE_integer("num_layers", 4, "Decoder blocks.")
+  flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size V.")
+  flags.DEFINE_list("models", ["moe", "dense_active", "dense_total", "moe_grouped"],
+                    "Models to run.")
+  flags.DEFINE_string("json", None, "Also write the results here.")
+  flags.DEFINE_string("figure", None, "Write the decode-step figure (PNG) here.")
+
+
 def main(argv):
   del argv
-  batches = [int(b) for b in _BATCHES.value]
+  f = flags.FLAGS
+  batches = [int(b) for b in f.batches]
+  shape = dict(d=f.d_model, f=f.d_expert, layers=f.num_layers, vocab=f.vocab_size)
   t0 = time.perf_counter()
   bw = read_bandwidth()
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()}: read bandwidth "
         f"{bw['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
   models = []
-  for name in _MODELS.value:
+  for name in f.models:
     same = next((m for m in models if m.name == "moe"), None) if name == "moe_grouped" else None
-    models.append(Model(name, same))
+    models.append(Model(name, shape, same))
   rows = []
   for b in batches:
     rows += measure_batch([m for m in models if m.name != "moe_grouped" or b == 1], b,
-                          bw["bytes_per_s"], _PROMPT.value, _STEPS.value, _REPEATS.value)
+                          bw["bytes_per_s"], f.prompt_len, f.steps, f.repeats)
   print(markdown(rows, bw))
   print(f"total {time.perf_counter() - t0:.0f} s")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if f.json:
+    with open(f.json, "w") as out:
       json.dump({"device": jax.devices()[0].device_kind, "bandwidth": bw, "rows": rows,
-                 "ratios": ratios(rows), "flags": {
-                     "d_model": _D.value, "d_expert": _F.value, "num_layers": _LAYERS.value,
-                     "vocab_size": _VOCAB.value, "prompt_len": _PROMPT.value,
-                     "steps": _STEPS.value}}, f, indent=2)
-  if _FIGURE.value:
-    figure(rows, _FIGURE.value)
+                 "ratios": ratios(rows), "shape": shape, "prompt_len": f.prompt_len,
+                 "steps": f.steps, "repeats": f.repeats}, out, indent=2)
+  if f.figure:
+    figure(rows, f.figure)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,8 +1,8 @@
 """Greedy generation on 1 device and on expert-parallel meshes of 8 simulated devices.
 
-Prints one JSON line per mesh: whether its tokens equal the 1-device ones, the largest
-relative difference of its generated positions' logits from a 1-device full forward pass,
-the MoE path a decode step takes there (the 1-device run: batch 8), and the expert weights' shard shape. Run by
+Prints one JSON line per mesh: whether its tokens equal the 1-device ones (batch 8), the
+largest relative difference of its generated positions' logits from a 1-device full forward
+pass, the MoE path a decode step takes there, and the expert weights' shard shape. Run by
 tests/generate_test.py with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
