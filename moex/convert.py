@@ -35,10 +35,9 @@ from etils import epath
 from ml_collections import config_flags
 
 from moex import config as config_lib
-from moex.data import tokenizer as tokenizer_lib
 from moex.interop import hf
 from moex.parallel import mesh as mesh_lib
-from moex.train import checkpoint, init_from, state as state_lib, workdir as workdir_lib
+from moex.train import checkpoint, init_from, loop, state as state_lib, workdir as workdir_lib
 
 _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "experiments", "tiny.py")
@@ -85,12 +84,7 @@ def import_hf(hf_dir: str, workdir: str, base: ml_collections.ConfigDict,
       cd.data.tokenizer = str(out / "tokenizer")
     else:
       cd.data.tokenizer = "byte"
-  try:
-    tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
+  cfg, mesh = loop.prepare(cd)  # the trainer's own checks: tokenizer, config, mesh layout
   _, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
   if jax.tree.leaves(abs_buffers):  # none of the families keeps router state
     raise ConvertError(f"{fam.architecture}: the moex model has buffers the checkpoint lacks")
