@@ -96,6 +96,8 @@ def test_import_finetune_export(tmp_path, tiny_config, bpe_dir):
   back, info = transformers.AutoModelForCausalLM.from_pretrained(
       exported, dtype=torch.float32, experts_implementation="eager", output_loading_info=True)
   assert all(not v for v in info.values()), info
+  exported_cfg = json.loads((exported / "config.json").read_text())
+  assert exported_cfg["eos_token_id"] == hf_cfg.eos_token_id  # from hf_source.json
 
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, abs_p, abs_b = state_lib.abstract_variables(cfg, mesh)
