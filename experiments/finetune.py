@@ -12,7 +12,7 @@ The whole flow on a small model made here (no download), about 10 minutes on 2 C
   python -m moex.main --config=experiments/finetune.py:/tmp/moex/imported \
       --workdir=/tmp/moex/finetuned
   # 4. the routing report of the fine-tuned run, then back to transformers
-  python -m moex.report /tmp/moex/finetuned
+  python -m moex.report --workdir=/tmp/moex/finetuned
   python -m moex.convert --to_hf=/tmp/hf/finetuned --workdir=/tmp/moex/finetuned
 
 The argument after the colon is the workdir to start from: its config.json gives the model,

@@ -38,7 +38,7 @@ from moex import config as config_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.interop import hf
 from moex.parallel import mesh as mesh_lib
-from moex.train import checkpoint, init_from, state as state_lib, workdir as workdir_lib
+from moex.train import checkpoint, init_from, loop, state as state_lib, workdir as workdir_lib
 
 _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "experiments", "tiny.py")
@@ -85,12 +85,7 @@ def import_hf(hf_dir: str, workdir: str, base: ml_collections.ConfigDict,
       cd.data.tokenizer = str(out / "tokenizer")
     else:
       cd.data.tokenizer = "byte"
-  try:
-    tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
+  cfg, mesh = loop.prepare(cd)  # the trainer's own checks: tokenizer, config, mesh layout
   _, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
   if jax.tree.leaves(abs_buffers):  # none of the families keeps router state
     raise ConvertError(f"{fam.architecture}: the moex model has buffers the checkpoint lacks")
@@ -143,9 +138,13 @@ def export_hf(workdir: str, out_dir: str, architecture: str | None = None,
   _, abs_params, abs_buffers = state_lib.abstract_variables(
       dataclasses.replace(cfg, mesh=one), mesh)
   params, _ = init_from.load_params(workdir, abs_params, abs_buffers)
-  src = workdir_lib.path(workdir) / SOURCE
-  source = json.loads(src.read_text()) if src.exists() else {}
+  source = _hf_source(workdir)
   tok_dir = workdir_lib.path(workdir) / "tokenizer"
+  extra = dict(source.get("config") or {})
+  if tok_dir.exists() and not source:  # a moex-trained model: special ids from its tokenizer
+    tok = tokenizer_lib.get_tokenizer(str(tok_dir))
+    extra.update({f"{k}_token_id": i for k, i in (("bos", tok.bos_id), ("eos", tok.eos_id),
+                                                   ("pad", tok.pad_id)) if i >= 0})
 
   def fetch(path):
     x = params
@@ -154,8 +153,25 @@ def export_hf(workdir: str, out_dir: str, architecture: str | None = None,
     return jax.device_get(x)
 
   return hf.export(fetch, cfg, out_dir, architecture=architecture or source.get("architecture"),
-                   extra_config=source.get("config"), max_shard_bytes=max_shard_bytes,
+                   extra_config=extra, max_shard_bytes=max_shard_bytes,
                    tokenizer_dir=str(tok_dir) if tok_dir.exists() else None)
+
+
+def _hf_source(workdir: str, hops: int = 8) -> dict:
+  """hf_source.json of the workdir, else of the workdir its train.init_from names (a fine-tune
+  of an import exports as the imported architecture), following up to `hops` links."""
+  for _ in range(hops):
+    path = workdir_lib.path(workdir) / SOURCE
+    if path.exists():
+      return json.loads(path.read_text())
+    try:
+      workdir = json.loads((workdir_lib.path(workdir) / "config.json").read_text())[
+          "train"].get("init_from", "")
+    except (OSError, ValueError, KeyError, TypeError):
+      return {}
+    if not workdir:
+      return {}
+  return {}
 
 
 def main(argv):

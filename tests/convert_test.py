@@ -96,6 +96,8 @@ def test_import_finetune_export(tmp_path, tiny_config, bpe_dir):
   back, info = transformers.AutoModelForCausalLM.from_pretrained(
       exported, dtype=torch.float32, experts_implementation="eager", output_loading_info=True)
   assert all(not v for v in info.values()), info
+  exported_cfg = json.loads((exported / "config.json").read_text())
+  assert exported_cfg["eos_token_id"] == hf_cfg.eos_token_id  # from hf_source.json
 
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, abs_p, abs_b = state_lib.abstract_variables(cfg, mesh)
@@ -120,3 +122,24 @@ def test_bad_input_is_one_line(tmp_path):
   r = _convert(f"--workdir={tmp_path / 'w'}")
   assert r.stderr.strip().splitlines()[-1] == (
       "moex.convert: give --workdir and exactly one of --from_hf / --to_hf")
+
+
+def test_a_failed_import_leaves_no_model_behind(tmp_path, tiny_config):
+  """config.json is written last: a workdir whose import failed holds no config or params."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  from moex import convert  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hub = tmp_path / "hub"
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, intermediate_size=24)).save_pretrained(hub)
+  tensors = load_file(str(hub / "model.safetensors"))
+  tensors["model.layers.1.mlp.down_proj.weight"] = np.zeros((16, 23), np.float32)
+  save_file(tensors, str(hub / "model.safetensors"), metadata={"format": "pt"})
+  work = tmp_path / "w"
+  with pytest.raises(convert.hf.FormatError, match="down_proj.weight has shape"):
+    convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")
+  assert not (work / "config.json").exists() and not (work / "params").exists()
+  with pytest.raises(convert.ConvertError, match="already holds"):  # a finished import
+    (work / "config.json").write_text("{}")
+    convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")

@@ -62,7 +62,7 @@ def test_fine_tune_starts_at_step_0_from_the_source_then_resumes_its_own(source,
   c = make()
   c.train.init_from = a_dir
   b_dir = str(tmp_path / "B")
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     b = loop.train_and_evaluate(c, b_dir)
   assert b["first_eval"]["step"] == 0 and b["step"] == 6
   assert b["first_eval"]["loss"] == pytest.approx(a_result["final_eval"]["loss"], rel=1e-6)
@@ -73,7 +73,7 @@ def test_fine_tune_starts_at_step_0_from_the_source_then_resumes_its_own(source,
 
   caplog.clear()
   c.train.steps, c.train.init_from = 8, str(tmp_path / "nowhere")  # would fail if read
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     again = loop.train_and_evaluate(c, b_dir)
   assert again["step"] == 8 and again["first_eval"] is None  # resumed from B's step 6
   assert _train_steps(b_dir) == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -107,7 +107,7 @@ def test_save_and_load_params_round_trip_cast_to_the_run_dtype(source, tmp_path,
   cd = make()
   cd.model.param_dtype = "bfloat16"
   abs_p16, abs_b16, _ = _abstract(cd)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     got, got_buffers = init_from.load_params(imported, abs_p16, abs_b16)
   assert _init_lines(caplog)[-1].endswith(f"from {imported} (params/)")
   assert got_buffers == {} and buffers == {}  # topk_softmax keeps no buffers
@@ -128,7 +128,7 @@ def test_params_dir_wins_over_checkpoints_and_buffers_come_along(source, tmp_pat
   # The source's checkpoints have no router bias: read instead of params/, they would not match.
   shutil.copytree(os.path.join(source[0], "checkpoints"), workdir / "checkpoints")
   init_from.save_params(str(workdir), state["params"], bias)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     params, buffers = init_from.load_params(str(workdir), abs_p, abs_b)
   assert "(params/)" in _init_lines(caplog)[-1]
   assert jax.tree.structure(buffers) == jax.tree.structure(abs_b)

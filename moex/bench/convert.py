@@ -5,7 +5,7 @@
 Writes a Mixtral-shaped bfloat16 checkpoint of random weights (vocab 32000, width 1024,
 8 experts of width 3584; 11 layers make 2.2 GB) in 1 GB safetensors shards, then runs
 `python -m moex.convert --from_hf` on it in a child process and reports the child's peak
-resident memory (ru_maxrss) beside the checkpoint's size, its largest tensor, and the
+resident memory (VmHWM) beside the checkpoint's size, its largest tensor, and the
 resident memory of a child that only imports moex and starts JAX (the baseline).
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -89,17 +88,28 @@ def write_checkpoint(directory: str, layers: int, shard_bytes: int = 1 << 30) ->
           "largest_param_bytes": E * D * F * 2, "files": len(shards)}
 
 
-def _peak_rss_of(cmd: list[str]) -> tuple[float, float]:
-  """(peak resident GB, seconds) of a child process."""
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Runs the measured code, then prints the process's own high-water resident memory. VmHWM
+# belongs to the address space exec made, unlike ru_maxrss, which keeps the forking parent's
+# size across exec (a child forked from a 2 GB parent "peaks" at 2 GB before it runs a line).
+_WRAPPER = """
+import runpy, sys
+try:
+  {body}
+finally:
+  hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+  print("VmHWM_KB", hwm, file=sys.stderr, flush=True)
+"""
+
+
+def _peak_rss_of(body: str) -> tuple[float, float]:
+  """(peak resident GB, seconds) of a child process running Python `body`."""
   t0 = time.time()
-  r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if r.returncode:
-    sys.exit(f"bench.convert: {' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  if peak <= before:
-    raise RuntimeError("ru_maxrss of children did not grow: measure the baseline after")
-  return peak * 1024 / 1e9, time.time() - t0
+  r = subprocess.run([sys.executable, "-c", _WRAPPER.format(body=body)], capture_output=True,
+                     text=True, check=False)
+  hwm = [l.split()[1] for l in r.stderr.splitlines() if l.startswith("VmHWM_KB")]
+  if r.returncode or not hwm:
+    sys.exit(f"bench.convert: {body} failed:\n{r.stderr[-2000:]}")
+  return int(hwm[-1]) * 1024 / 1e9, time.time() - t0
 
 
 def main(argv):
@@ -113,11 +123,10 @@ def main(argv):
         f"({time.time() - t0:.0f}s); largest tensor {facts['largest_tensor_bytes'] / 1e6:.0f} "
         f"MB, largest moex parameter (stacked experts) {facts['largest_param_bytes'] / 1e6:.0f} "
         "MB", flush=True)
-  # Baseline first: RUSAGE_CHILDREN keeps the maximum over all children so far.
-  base, _ = _peak_rss_of([sys.executable, "-c", "import jax, moex.convert; "
-                          "jax.numpy.zeros(1).block_until_ready()"])
-  peak, seconds = _peak_rss_of([sys.executable, "-m", "moex.convert", f"--from_hf={hf_dir}",
-                                f"--workdir={work}", "--tokenizer=byte"])
+  base, _ = _peak_rss_of("import jax, moex.convert; jax.numpy.zeros(1).block_until_ready()")
+  argv = ["moex.convert", f"--from_hf={hf_dir}", f"--workdir={work}", "--tokenizer=byte"]
+  peak, seconds = _peak_rss_of(f"sys.argv = {argv!r}; "
+                               "runpy.run_module('moex.convert', run_name='__main__')")
   size = facts["total_bytes"] / 1e9
   print(f"import: {seconds:.0f}s, peak resident {peak:.2f} GB; baseline (python + jax) "
         f"{base:.2f} GB; peak - baseline = {peak - base:.2f} GB = {(peak - base) / size:.2f} x "

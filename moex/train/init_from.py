@@ -27,6 +27,7 @@ from moex.train import workdir as workdir_lib
 from moex.train.checkpoint import CheckpointError, _quiet_abandoned_futures, _reason
 
 PARAMS = "params"  # SOURCE/params/: the parameters-only checkpoint.
+_SAVE_GB = 1  # save_params: GB staged to host and being written at once.
 _KINDS = {"params": "parameter", "buffers": "buffer"}
 
 
@@ -44,10 +45,13 @@ def save_params(directory: str, params: dict, buffers: dict) -> None:
       tmp.rmtree()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("moex_save_params_start")
-  checkpointer = ocp.StandardCheckpointer()
+  # An imported model is in host memory once already: bounded transfers and writes, and no
+  # OCDBT (its writer held ~0.5x the model in buffers: moex.bench.convert, WORKSPACE.md).
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+      save_concurrent_gb=_SAVE_GB, save_device_host_concurrent_gb=_SAVE_GB, use_ocdbt=False))
   try:
-    checkpointer.save(root / PARAMS, {"params": params, "buffers": buffers}, force=True)
-    checkpointer.wait_until_finished()
+    checkpointer.save(root / PARAMS, args=ocp.args.PyTreeSave(
+        {"params": params, "buffers": buffers}), force=True)
   finally:
     checkpointer.close()
   logging.info("init_from: wrote %d parameters to %s", _size(params), root / PARAMS)
