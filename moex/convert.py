@@ -44,21 +44,6 @@ _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "experiments", "tiny.py")
 SOURCE = "hf_source.json"
 
-_FROM = flags.DEFINE_string("from_hf", None, "Hugging Face model directory to import.")
-_TO = flags.DEFINE_string("to_hf", None, "Directory to export the workdir's model to.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The moex workdir (import: new; export: "
-                               "source).")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_BASE, "Import: the moex config whose data/opt/train/mesh sections "
-    "the imported workdir keeps (model and moe come from config.json).", lock_config=False)
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Import: tokenizer file or directory (default: the model directory's "
-    "tokenizer.json / tokenizer.model), or 'byte'.")
-_ARCH = flags.DEFINE_string("architecture", None, "Export: the transformers architecture "
-                            "(default: the imported one, else chosen from the config).")
-_SHARD_GB = flags.DEFINE_float("max_shard_gb", 4.0, "Export: largest safetensors file.")
-
-
 class ConvertError(ValueError):
   """A one-line reason the conversion cannot proceed."""
 
@@ -174,20 +159,38 @@ def _hf_source(workdir: str, hops: int = 8) -> dict:
   return {}
 
 
+def _define_flags() -> None:
+  """The command's flags; defined only when run as a program, so importing moex.convert next
+  to moex.main (tests, notebooks) defines no duplicate --workdir."""
+  flags.DEFINE_string("from_hf", None, "Hugging Face model directory to import.")
+  flags.DEFINE_string("to_hf", None, "Directory to export the workdir's model to.")
+  flags.DEFINE_string("workdir", None, "The moex workdir (import: new; export: source).")
+  config_flags.DEFINE_config_file(
+      "config", _DEFAULT_BASE, "Import: the moex config whose data/opt/train/mesh sections "
+      "the imported workdir keeps (model and moe come from config.json).", lock_config=False)
+  flags.DEFINE_string(
+      "tokenizer", None, "Import: tokenizer file or directory (default: the model "
+      "directory's tokenizer.json / tokenizer.model), or 'byte'.")
+  flags.DEFINE_string("architecture", None, "Export: the transformers architecture "
+                      "(default: the imported one, else chosen from the config).")
+  flags.DEFINE_float("max_shard_gb", 4.0, "Export: largest safetensors file.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value or (_FROM.value is None) == (_TO.value is None):
+  f = flags.FLAGS
+  if not f.workdir or (f.from_hf is None) == (f.to_hf is None):
     sys.exit("moex.convert: give --workdir and exactly one of --from_hf / --to_hf")
   try:
-    if _FROM.value is not None:
-      cfg = import_hf(_FROM.value, _WORKDIR.value, _CONFIG.value, _TOKENIZER.value)
-      print(f"moex.convert: imported {_FROM.value} -> {_WORKDIR.value} "
+    if f.from_hf is not None:
+      cfg = import_hf(f.from_hf, f.workdir, f.config, f.tokenizer)
+      print(f"moex.convert: imported {f.from_hf} -> {f.workdir} "
             f"({len(cfg.model.moe_layers)} MoE blocks of {cfg.model.num_layers}); fine-tune "
-            f"with --config.train.init_from={_WORKDIR.value}", flush=True)
+            f"with --config.train.init_from={f.workdir}", flush=True)
     else:
-      fam = export_hf(_WORKDIR.value, _TO.value, _ARCH.value, int(_SHARD_GB.value * (1 << 30)))
-      print(f"moex.convert: exported {_WORKDIR.value} -> {_TO.value} ({fam.architecture})",
+      fam = export_hf(f.workdir, f.to_hf, f.architecture, int(f.max_shard_gb * (1 << 30)))
+      print(f"moex.convert: exported {f.workdir} -> {f.to_hf} ({fam.architecture})",
             flush=True)
   except (ConvertError, hf.FormatError, hf.Unsupported, config_lib.ConfigError,
           workdir_lib.WorkdirError, checkpoint.CheckpointError) as e:
@@ -195,4 +198,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
