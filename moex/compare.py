@@ -12,15 +12,17 @@ numbers (`summarize`) and of eval bits per byte at every eval step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moex import report
+from moex import config as config_lib, report
 
 TARGET_DROP = 0.01  # the recommendation column: cf keeping drops under 1% (moex.report)
 RECENT = 8  # train windows the final-window columns average over
@@ -217,8 +219,10 @@ def seed_table(final: dict[str, dict[str, float | None]]) -> str:
   return "\n".join(lines)
 
 
-def plot_seeds(curves: dict[str, list[dict[int, float]]], out: str) -> None:
-  """Eval bits per byte per variant over steps: mean over seeds, min-max band."""
+def plot_seeds(curves: dict[str, list[dict[float, float]]], out: str,
+               xlabel: str = "step") -> None:
+  """Eval bits per byte per variant over steps (or any x, e.g. cumulative training FLOPs):
+  mean over seeds, min-max band."""
   fig, (ax,) = _figure(1, 6.5)
   top = 0.0
   for i, (label, runs) in enumerate(curves.items()):
@@ -229,12 +233,49 @@ def plot_seeds(curves: dict[str, list[dict[int, float]]], out: str) -> None:
     top = max(top, ys.max())
     ax.plot(steps, ys.mean(0), marker="o", color=f"C{i}", label=f"{label} (n={len(runs)})")
     ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
-  ax.set(xlabel="step", ylabel="eval bits per byte",
+  ax.set(xlabel=xlabel, ylabel="eval bits per byte",
          title="Eval bits per byte: mean over seeds, min-max band")
   ax.set_ylim(top=min(top, 4.0) if top else None)
   ax.grid(alpha=0.3)
   ax.legend()
   _save(fig, out)
+
+
+def flops_per_step(workdir: str) -> float:
+  """Model FLOPs of one train step of the run in `workdir` (its config.json; flops.py)."""
+  from moex.train import flops  # imports jax: only when needed  pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = config_lib.validate(ml_collections.ConfigDict(json.load(f)))
+  return flops.train_flops_per_token(cfg) * cfg.data.batch_size * cfg.data.seq_len
+
+
+def flops_path(out: str) -> str:
+  stem, ext = os.path.splitext(out)
+  return f"{stem}_flops{ext or '.png'}"
+
+
+def compare_flops(dirs: dict[str, dict[str, str]], starts: dict[str, dict[str, float]],
+                  out: str) -> str:
+  """Eval bits per byte against cumulative training FLOPs: a run that starts from another's
+  parameters starts at `starts[variant][seed]` (the FLOPs that trained them). Writes
+  flops_path(out) (mean over seeds); returns Markdown: FLOPs at each variant's start and end.
+  """
+  curves, rows = {}, ["| run | training FLOPs before step 0 | training FLOPs at the end |",
+                      "|---|---:|---:|"]
+  for v, by_seed in dirs.items():
+    per_step = {s: flops_per_step(d) for s, d in by_seed.items()
+                if os.path.exists(os.path.join(d, "config.json"))}
+    runs = {s: eval_curve(d) for s, d in by_seed.items() if s in per_step}
+    curves[v] = [{starts[v][s] + step * per_step[s]: y for step, y in c.items()}
+                 for s, c in runs.items() if c]
+    if curves[v]:
+      first = next(s for s, c in runs.items() if c)
+      end = starts[v][first] + max(runs[first]) * per_step[first]
+      rows.append(f"| {v} | {starts[v][first]:.3e} | {end:.3e} |")
+  figure = flops_path(out)
+  plot_seeds(curves, figure, xlabel="cumulative training FLOPs (model FLOPs)")
+  return "Training compute (moex.train.flops):\n\n" + "\n".join(rows) + f"\n\nFigure: {figure}\n"
 
 
 def seeds_path(out: str) -> str:
