@@ -13,13 +13,21 @@ upcycling before the upcycled variants train:
   python -m moex.sweep --config=experiments/upcycling.py --root=workdirs/upcycling \
       --seeds=1,2 --figure=docs/figures/upcycling.png
 
+A longer budget (EXTRA_DENSE_STEPS x 3 = +150%; the dense base is shared, so link it):
+
+  mkdir -p workdirs/upcycling_x3/seed1 workdirs/upcycling_x3/seed2
+  ln -s $PWD/workdirs/upcycling/dense workdirs/upcycling_x3/dense   # and seed1/, seed2/
+  python -m moex.sweep --config=experiments/upcycling.py --root=workdirs/upcycling_x3 \
+      --variants=dense,dense_continue_x3,copy_x3,scratch_x3 --seeds=1,2 \
+      --figure=docs/figures/upcycling_x3.png
+
 or by hand (seed 0):
 
   python -m moex.main --config=experiments/upcycling.py:dense --workdir=workdirs/up/dense
-  python -m moex.upcycle --from=workdirs/up/dense --workdir=workdirs/up/copy \
+  python -m moex.upcycle --from=workdirs/up/dense --workdir=workdirs/up/copy.upcycled \
       --config=experiments/upcycling.py:copy --method=copy
   python -m moex.main --config=experiments/upcycling.py:copy --workdir=workdirs/up/copy \
-      --config.train.init_from=workdirs/up/copy
+      --config.train.init_from=workdirs/up/copy.upcycled
 """
 
 import ml_collections
@@ -29,9 +37,12 @@ from moex import config as config_lib
 from moex.train import flops
 
 VARIANTS = ("dense", "dense_continue", "copy", "drop", "scratch")  # moex.sweep's order
-INIT_FROM = {"dense_continue": "dense", "copy": "dense", "drop": "dense"}  # starts from
-UPCYCLE = {"copy": ("--method=copy",), "drop": ("--method=drop", "--drop_ratio=0.5")}
-BASELINE = "dense_continue"  # the paired differences subtract it
+LONGER = ("dense_continue_x3", "copy_x3", "scratch_x3")  # the same with 3x the extra compute
+INIT_FROM = {"dense_continue": "dense", "copy": "dense", "drop": "dense",  # starts from
+             "dense_continue_x3": "dense", "copy_x3": "dense"}
+UPCYCLE = {"copy": ("--method=copy",), "drop": ("--method=drop", "--drop_ratio=0.5"),
+           "copy_x3": ("--method=copy",)}
+BASELINE = ("dense_continue", "dense_continue_x3")  # the paired differences subtract it
 BASE_STEPS = 300  # the dense model's own training
 EXTRA_DENSE_STEPS = 150  # the extra compute, in dense steps (+50%, as Komatsuzaki et al.)
 _VOCAB = 259  # the byte tokenizer's (FLOPs need the vocabulary size)
@@ -58,10 +69,12 @@ def _continuation(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: one of VARIANTS (default "dense")."""
+  """`arg`: one of VARIANTS or LONGER (default "dense")."""
   arg = arg or "dense"
-  if arg not in VARIANTS:
-    raise ValueError(f"upcycling: unknown variant {arg!r} ({', '.join(VARIANTS)})")
+  if arg not in VARIANTS + LONGER:
+    raise ValueError(f"upcycling: unknown variant {arg!r} ({', '.join(VARIANTS + LONGER)})")
+  extra = EXTRA_DENSE_STEPS * (3 if arg.endswith("_x3") else 1)
+  arg = arg.removesuffix("_x3")
   c = tiny.get_config()
   c.data.seq_len = 128  # 16 x 128 tokens per step: the 15 runs fit in about an hour on 2 cores
   c.train.eval_every = 50
@@ -72,11 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "dense":
     c.train.steps = BASE_STEPS
   elif arg == "dense_continue":
-    c.train.steps = EXTRA_DENSE_STEPS
+    c.train.steps = extra
   elif arg == "scratch":
-    c.train.steps = round((BASE_STEPS + EXTRA_DENSE_STEPS) * ratio)
+    c.train.steps = round((BASE_STEPS + extra) * ratio)
   else:
-    c.train.steps = round(EXTRA_DENSE_STEPS * ratio)
+    c.train.steps = round(extra * ratio)
   if arg in INIT_FROM:
     _continuation(c)
   return c

@@ -219,25 +219,45 @@ def seed_table(final: dict[str, dict[str, float | None]]) -> str:
   return "\n".join(lines)
 
 
-def plot_seeds(curves: dict[str, list[dict[float, float]]], out: str,
-               xlabel: str = "step") -> None:
-  """Eval bits per byte per variant over steps (or any x, e.g. cumulative training FLOPs):
-  mean over seeds, min-max band."""
-  fig, (ax,) = _figure(1, 6.5)
+def _seed_lines(ax, curves: dict[str, list[dict[float, float]]], xmin: float = -np.inf) -> float:
+  """Mean over seeds with a min-max band per variant, points at x >= xmin; returns the
+  highest value drawn (0 when none)."""
   top = 0.0
   for i, (label, runs) in enumerate(curves.items()):
-    steps = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
-    if not steps:
+    xs = sorted(x for x in set.intersection(*(set(c) for c in runs)) if x >= xmin) if runs else []
+    if not xs:
       continue
-    ys = np.array([[c[s] for s in steps] for c in runs])
+    ys = np.array([[c[x] for x in xs] for c in runs])
     top = max(top, ys.max())
-    ax.plot(steps, ys.mean(0), marker="o", color=f"C{i}", label=f"{label} (n={len(runs)})")
-    ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
-  ax.set(xlabel=xlabel, ylabel="eval bits per byte",
+    ax.plot(xs, ys.mean(0), marker="o", color=f"C{i}", label=f"{label} (n={len(runs)})")
+    ax.fill_between(xs, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+  return top
+
+
+def plot_seeds(curves: dict[str, list[dict[float, float]]], out: str) -> None:
+  """Eval bits per byte per variant over steps: mean over seeds, min-max band."""
+  fig, (ax,) = _figure(1, 6.5)
+  top = _seed_lines(ax, curves)
+  ax.set(xlabel="step", ylabel="eval bits per byte",
          title="Eval bits per byte: mean over seeds, min-max band")
   ax.set_ylim(top=min(top, 4.0) if top else None)
   ax.grid(alpha=0.3)
   ax.legend()
+  _save(fig, out)
+
+
+def plot_flops(curves: dict[str, list[dict[float, float]]], zoom_from: float, out: str) -> None:
+  """plot_seeds against cumulative training FLOPs; a second panel from `zoom_from` (where
+  the continued runs start) on."""
+  fig, axes = _figure(2, 6.0)
+  for ax, xmin in zip(axes, (-np.inf, zoom_from)):
+    top = _seed_lines(ax, curves, xmin)
+    ax.set(xlabel="cumulative training FLOPs (model FLOPs)", ylabel="eval bits per byte")
+    ax.set_ylim(top=min(top, 4.0) if top else None)
+    ax.grid(alpha=0.3)
+  axes[0].set_title("Eval bits per byte: mean over seeds, min-max band")
+  axes[1].set_title("From the first continued run's start")
+  axes[0].legend()
   _save(fig, out)
 
 
@@ -274,7 +294,8 @@ def compare_flops(dirs: dict[str, dict[str, str]], starts: dict[str, dict[str, f
       end = starts[v][first] + max(runs[first]) * per_step[first]
       rows.append(f"| {v} | {starts[v][first]:.3e} | {end:.3e} |")
   figure = flops_path(out)
-  plot_seeds(curves, figure, xlabel="cumulative training FLOPs (model FLOPs)")
+  later = [x for by_seed in starts.values() for x in by_seed.values() if x > 0]
+  plot_flops(curves, min(later) if later else 0.0, figure)
   return "Training compute (moex.train.flops):\n\n" + "\n".join(rows) + f"\n\nFigure: {figure}\n"
 
 

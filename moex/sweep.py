@@ -22,10 +22,10 @@ Variants that continue other variants (reference experiment 4) are named in the 
   INIT_FROM = {"V": "U"}    V trains from U's final parameters (train.init_from=U's workdir
                             of the same seed); U must come first and be finished
   UPCYCLE = {"V": [flags]}  before training, `python -m moex.upcycle --from=U's workdir
-                            --workdir=V's --config=FILE:V [flags]` (skipped once V's workdir
-                            has config.json and params/); V then trains from its own params/
+                            --workdir=V's workdir + ".upcycled" --config=FILE:V [flags]`
+                            (skipped once that has config.json); V trains from it
   BASELINE = "V"            the variant the seed table's paired differences subtract
-                            (default: the first)
+                            (default: the first); a tuple: the first of them being run
 With INIT_FROM the summary adds eval bits per byte against cumulative training FLOPs
 (FIGURE's stem + "_flops.png"): a variant's curve starts at the FLOPs that trained its
 source (moex.train.flops model FLOPs, from each workdir's config.json).
@@ -103,20 +103,30 @@ def run_variant(config: str, variant: str, workdir: str, seed: int | None,
   _run(cmd, variant, workdir + ".log", "")
 
 
-def upcycled(workdir: str) -> bool:
-  """Whether moex.upcycle finished in `workdir` (config.json is written last)."""
-  return (os.path.exists(os.path.join(workdir, "config.json"))
-          and os.path.isdir(os.path.join(workdir, "params")))
+UPCYCLED = ".upcycled"  # ROOT/V.upcycled: moex.upcycle's output, V's train.init_from
+
+
+def upcycled(directory: str) -> bool:
+  """Whether moex.upcycle finished in `directory` (config.json is written last)."""
+  return (os.path.exists(os.path.join(directory, "config.json"))
+          and os.path.isdir(os.path.join(directory, "params")))
 
 
 def run_upcycle(config: str, variant: str, source: str, workdir: str, seed: int | None,
-                extra: list[str]) -> None:
+                extra: list[str]) -> str:
+  """Upcycles `source` into WORKDIR.upcycled (its log is WORKDIR.log); returns that path.
+
+  Not into WORKDIR itself: a params/ there would shadow the run's own checkpoints for a
+  later train.init_from or export (init_from reads params/ first)."""
+  out = workdir + UPCYCLED
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
-  cmd = [sys.executable, "-m", "moex.upcycle", f"--from={source}", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "moex.upcycle", f"--from={source}", f"--workdir={out}",
          f"--config={config}:{variant}", *extra]
   if seed is not None:
     cmd.append(f"--config.seed={seed}")
-  _run(cmd, variant, workdir + ".log", " (upcycle)")
+  if not upcycled(out):
+    _run(cmd, variant, workdir + ".log", " (upcycle)")
+  return out
 
 
 def start_from(module, variant: str, source: str, workdir: str, seed: int | None) -> str:
@@ -128,9 +138,7 @@ def start_from(module, variant: str, source: str, workdir: str, seed: int | None
   upcycle = getattr(module, "UPCYCLE", {})
   if variant not in upcycle:
     return source
-  if not upcycled(workdir):
-    run_upcycle(_CONFIG.value, variant, source, workdir, seed, list(upcycle[variant]))
-  return workdir
+  return run_upcycle(_CONFIG.value, variant, source, workdir, seed, list(upcycle[variant]))
 
 
 def init_sources(module) -> dict[str, str]:
@@ -212,8 +220,10 @@ def main(argv):
   by_seed = {v: {} for v in variants}
   for seed, v, d in runs:
     by_seed[v][label(v, seed)] = d
-  baseline = getattr(module, "BASELINE", variants[0])
-  if baseline in by_seed:  # the seed table subtracts its first variant
+  wanted = getattr(module, "BASELINE", ())
+  baseline = next((v for v in ((wanted,) if isinstance(wanted, str) else wanted)
+                   if v in by_seed), None)
+  if baseline is not None:  # the seed table subtracts its first variant
     by_seed = {baseline: by_seed[baseline], **by_seed}
   if replicate_seeds:
     md += "\n" + compare.compare_seeds(by_seed, figure)

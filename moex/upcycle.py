@@ -14,8 +14,9 @@ the router bias (sigmoid_bias) zero or the source's. Then WORKDIR/upcycle.json (
 options, source) and last WORKDIR/config.json (the resolved target config with
 train.init_from=WORKDIR): a directory without config.json is an upcycle that did not finish
 (re-running the command replaces it). WORKDIR is an init_from source (params/); the
-optimizer state is always fresh. WORKDIR may also be the run's own workdir: with no
-checkpoint yet, `--workdir=WORKDIR --config.train.init_from=WORKDIR` starts from params/.
+optimizer state is always fresh. Train in another workdir: a run inside WORKDIR would start
+from params/, but params/ would then shadow its checkpoints for any later init_from or
+export (init_from reads params/ first).
 
 Refusals (one line naming the key): target shapes outside the FFN differ; a block MoE in the
 source but dense in the target; a dense method on an MoE block or expand on a dense one;

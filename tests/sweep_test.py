@@ -151,7 +151,7 @@ def test_an_upcycled_variant_is_upcycled_first_and_an_unfinished_source_stops(tm
   write_workdir(tmp_path / "root" / "a", torn=False)
   r = _dependent(tmp_path, '{"b": ["--method=drop"]}')
   root = tmp_path / "root"
-  assert (f"moex.upcycle --from={root / 'a'} --workdir={root / 'b'} "
+  assert (f"moex.upcycle --from={root / 'a'} --workdir={root / 'b.upcycled'} "
           f"--config={tmp_path / 'exp.py'}:b --method=drop") in r.stderr, r.stderr
   assert "variant 'b' failed (upcycle)" in r.stderr, r.stderr  # a holds no parameters
   assert "moex.upcycle: " in (root / "b.log").read_text()

@@ -341,15 +341,16 @@ def test_command_then_a_run_that_checkpoints_resumes_and_reports(tmp_path, corpu
   with pytest.raises(upcycle_lib.UpcycleError, match=r"already holds a model or a run"):
     upcycle_lib.upcycle(str(tmp_path / "dense"), str(up), target, upcycle_lib.Options())
 
-  target.train.init_from = str(up)  # the upcycled directory is the run's own workdir
-  first = loop.train_and_evaluate(target, str(up), max_steps=2)
+  target.train.init_from = str(up)
+  run = tmp_path / "run"
+  first = loop.train_and_evaluate(target, str(run), max_steps=2)
   assert first["stopped"] and first["step"] == 2
   assert first["first_eval"]["loss"] == pytest.approx(src["final_eval"]["loss"], rel=1e-5)
-  second = loop.train_and_evaluate(target, str(up))
+  second = loop.train_and_evaluate(target, str(run))
   assert second["step"] == 4 and second["first_eval"] is None and not second["stopped"]
-  steps = [r["step"] for r in report.read_jsonl(up / "metrics.jsonl") if r["split"] == "train"]
+  steps = [r["step"] for r in report.read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
   assert steps == [1, 2, 3, 4]
-  page = report.write_report(str(up))
+  page = report.write_report(str(run))
   assert "Routing health" in open(page).read()
 
 
