@@ -207,10 +207,10 @@ def step0_note(src: Config, cfg: Config, method: str) -> str | None:
 
 
 def _rng(seed: int, block: int) -> np.random.Generator:
-  return np.random.default_rng([seed, block, zlib.crc32(b"moex.upcycle")])
+  return np.random.default_rng([seed & 0xFFFFFFFF, block, zlib.crc32(b"moex.upcycle")])
 
 
-def _moe_block(src_ffn: dict, src_bias, src: Config, cfg: Config, opts: Options, g: int,
+def _moe_block(src_ffn: dict, src_bias, cfg: Config, opts: Options, g: int,
                rng: np.random.Generator) -> tuple[dict, np.ndarray | None]:
   """The target's ffn parameters of one MoE block and its router bias (None if none)."""
   moe, e = cfg.moe, cfg.moe.num_experts
@@ -250,7 +250,7 @@ def build(src_params: dict, src_buffers: dict, src: Config, cfg: Config, opts: O
     block = dict(src_params[name])
     if cfg.model.is_moe_layer(i) and (opts.method == "expand" or not src.model.is_moe_layer(i)):
       src_bias = src_buffers.get(name, {}).get("ffn", {}).get("router", {}).get("bias_E")
-      block["ffn"], bias = _moe_block(src_params[name]["ffn"], src_bias, src, cfg, opts, g,
+      block["ffn"], bias = _moe_block(src_params[name]["ffn"], src_bias, cfg, opts, g,
                                       _rng(cfg.seed, i))
       if bias is not None:
         buffers[name] = {"ffn": {"router": {"bias_E": bias}}}
