@@ -12,15 +12,17 @@ numbers (`summarize`) and of eval bits per byte at every eval step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 from absl import app, flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moex import report
+from moex import config as config_lib, report
 
 TARGET_DROP = 0.01  # the recommendation column: cf keeping drops under 1% (moex.report)
 RECENT = 8  # train windows the final-window columns average over
@@ -217,24 +219,84 @@ def seed_table(final: dict[str, dict[str, float | None]]) -> str:
   return "\n".join(lines)
 
 
-def plot_seeds(curves: dict[str, list[dict[int, float]]], out: str) -> None:
-  """Eval bits per byte per variant over steps: mean over seeds, min-max band."""
-  fig, (ax,) = _figure(1, 6.5)
+def _seed_lines(ax, curves: dict[str, list[dict[float, float]]], xmin: float = -np.inf) -> float:
+  """Mean over seeds with a min-max band per variant, points at x >= xmin; returns the
+  highest value drawn (0 when none)."""
   top = 0.0
   for i, (label, runs) in enumerate(curves.items()):
-    steps = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
-    if not steps:
+    xs = sorted(x for x in set.intersection(*(set(c) for c in runs)) if x >= xmin) if runs else []
+    if not xs:
       continue
-    ys = np.array([[c[s] for s in steps] for c in runs])
+    ys = np.array([[c[x] for x in xs] for c in runs])
     top = max(top, ys.max())
-    ax.plot(steps, ys.mean(0), marker="o", color=f"C{i}", label=f"{label} (n={len(runs)})")
-    ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+    ax.plot(xs, ys.mean(0), marker="o", color=f"C{i}", label=f"{label} (n={len(runs)})")
+    ax.fill_between(xs, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+  return top
+
+
+def plot_seeds(curves: dict[str, list[dict[float, float]]], out: str) -> None:
+  """Eval bits per byte per variant over steps: mean over seeds, min-max band."""
+  fig, (ax,) = _figure(1, 6.5)
+  top = _seed_lines(ax, curves)
   ax.set(xlabel="step", ylabel="eval bits per byte",
          title="Eval bits per byte: mean over seeds, min-max band")
   ax.set_ylim(top=min(top, 4.0) if top else None)
   ax.grid(alpha=0.3)
   ax.legend()
   _save(fig, out)
+
+
+def plot_flops(curves: dict[str, list[dict[float, float]]], zoom_from: float, out: str) -> None:
+  """plot_seeds against cumulative training FLOPs; a second panel from `zoom_from` (where
+  the continued runs start) on."""
+  fig, axes = _figure(2, 6.0)
+  for ax, xmin in zip(axes, (-np.inf, zoom_from)):
+    top = _seed_lines(ax, curves, xmin)
+    ax.set(xlabel="cumulative training FLOPs (model FLOPs)", ylabel="eval bits per byte")
+    ax.set_ylim(top=min(top, 4.0) if top else None)
+    ax.grid(alpha=0.3)
+  axes[0].set_title("Eval bits per byte: mean over seeds, min-max band")
+  axes[1].set_title("From the first continued run's start")
+  axes[0].legend()
+  _save(fig, out)
+
+
+def flops_per_step(workdir: str) -> float:
+  """Model FLOPs of one train step of the run in `workdir` (its config.json; flops.py)."""
+  from moex.train import flops  # imports jax: only when needed  pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = config_lib.validate(ml_collections.ConfigDict(json.load(f)))
+  return flops.train_flops_per_token(cfg) * cfg.data.batch_size * cfg.data.seq_len
+
+
+def flops_path(out: str) -> str:
+  stem, ext = os.path.splitext(out)
+  return f"{stem}_flops{ext or '.png'}"
+
+
+def compare_flops(dirs: dict[str, dict[str, str]], starts: dict[str, dict[str, float]],
+                  out: str) -> str:
+  """Eval bits per byte against cumulative training FLOPs: a run that starts from another's
+  parameters starts at `starts[variant][seed]` (the FLOPs that trained them). Writes
+  flops_path(out) (mean over seeds); returns Markdown: FLOPs at each variant's start and end.
+  """
+  curves, rows = {}, ["| run | training FLOPs before step 0 | training FLOPs at the end |",
+                      "|---|---:|---:|"]
+  for v, by_seed in dirs.items():
+    per_step = {s: flops_per_step(d) for s, d in by_seed.items()
+                if os.path.exists(os.path.join(d, "config.json"))}
+    runs = {s: eval_curve(d) for s, d in by_seed.items() if s in per_step}
+    curves[v] = [{starts[v][s] + step * per_step[s]: y for step, y in c.items()}
+                 for s, c in runs.items() if c]
+    if curves[v]:
+      first = next(s for s, c in runs.items() if c)
+      end = starts[v][first] + max(runs[first]) * per_step[first]
+      rows.append(f"| {v} | {starts[v][first]:.3e} | {end:.3e} |")
+  figure = flops_path(out)
+  later = [x for by_seed in starts.values() for x in by_seed.values() if x > 0]
+  plot_flops(curves, min(later) if later else 0.0, figure)
+  return "Training compute (moex.train.flops):\n\n" + "\n".join(rows) + f"\n\nFigure: {figure}\n"
 
 
 def seeds_path(out: str) -> str:

@@ -74,3 +74,27 @@ def test_sweep_variants_differ_where_they_say():
   assert bal["aux_free_fast"].router == "sigmoid_bias"
   assert bal["aux_free_fast"].bias_update_rate == 10 * bal["aux_free"].bias_update_rate
   assert all(m.z_loss_weight == 0 for m in bal.values())
+
+
+@pytest.mark.parametrize("suffix", ["", "_x3"])
+def test_upcycling_spends_the_same_extra_compute_three_ways(suffix):
+  from experiments import upcycling
+  per_step = {}
+  for v in upcycling.VARIANTS + upcycling.LONGER:
+    c = upcycling.get_config(v)
+    cfg = config_lib.validate(c, vocab_size=259)
+    per_step[v] = (c.train.steps, flops.train_flops_per_token(cfg) * c.data.batch_size *
+                   c.data.seq_len, cfg.model.moe_layers)
+  total = lambda v: per_step[v][0] * per_step[v][1]
+  extra = total("dense_continue" + suffix)
+  assert extra == total("dense_continue") * (3 if suffix else 1)
+  for v in ("copy", "drop")[:2 if not suffix else 1]:  # within half an MoE step's FLOPs
+    v += suffix
+    assert abs(total(v) - extra) <= per_step[v][1] / 2 and per_step[v][2] == (0, 1, 2, 3)
+  scratch = "scratch" + suffix
+  assert abs(total(scratch) - total("dense") - extra) <= per_step[scratch][1] / 2
+  assert per_step["dense"][2] == per_step["dense_continue" + suffix][2] == ()
+  assert set(upcycling.INIT_FROM) == set(upcycling.UPCYCLE) | {"dense_continue" + suffix
+                                                               for suffix in ("", "_x3")}
+  with pytest.raises(ValueError, match="upcycling"):
+    upcycling.get_config("big")

@@ -113,3 +113,81 @@ def test_summarizes_a_run_with_many_experts(many_experts_workdir, tmp_path):
   summary = (tmp_path / "root" / "summary.md").read_text()
   assert "| a |" in summary and "dead experts (end)" in summary, summary
   assert (tmp_path / "root" / "sweep_routing.png").stat().st_size > 1000
+
+
+DEPENDENT = '''
+import ml_collections
+VARIANTS = ("a", "b")
+INIT_FROM = {"b": "a"}
+UPCYCLE = UPCYCLE_FLAGS
+BASELINE = "b"
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.train = ml_collections.ConfigDict({"steps": 30 if arg == "a" else 40})
+  return c
+'''
+
+
+def _dependent(tmp_path, upcycle="{}", *args):
+  (tmp_path / "exp.py").write_text(DEPENDENT.replace("UPCYCLE_FLAGS", upcycle))
+  return subprocess.run(
+      [sys.executable, "-m", "moex.sweep", f"--config={tmp_path / 'exp.py'}",
+       f"--root={tmp_path / 'root'}", "--bench_steps=0", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_variant_starts_from_its_init_from_source(tmp_path):
+  os.makedirs(tmp_path / "root" / "a")
+  write_workdir(tmp_path / "root" / "a", torn=False)
+  r = _dependent(tmp_path)
+  assert r.returncode != 0 and "variant 'b' failed (exit" in r.stderr, r.stderr
+  assert f"--config.train.init_from={tmp_path / 'root' / 'a'}" in r.stderr, r.stderr
+
+
+def test_an_upcycled_variant_is_upcycled_first_and_an_unfinished_source_stops(tmp_path):
+  r = _dependent(tmp_path, '{"b": ["--method=drop"]}', "--variants=b")
+  assert r.returncode != 0 and "starts from 'a', which has not finished" in r.stderr, r.stderr
+  os.makedirs(tmp_path / "root" / "a")
+  write_workdir(tmp_path / "root" / "a", torn=False)
+  r = _dependent(tmp_path, '{"b": ["--method=drop"]}')
+  root = tmp_path / "root"
+  assert (f"moex.upcycle --from={root / 'a'} --workdir={root / 'b.upcycled'} "
+          f"--config={tmp_path / 'exp.py'}:b --method=drop") in r.stderr, r.stderr
+  assert "variant 'b' failed (upcycle)" in r.stderr, r.stderr  # a holds no parameters
+  assert "moex.upcycle: " in (root / "b.log").read_text()
+
+
+def test_an_init_from_source_must_come_first(tmp_path):
+  r = _dependent(tmp_path, "{}", "--variants=b,a")
+  assert r.returncode != 0 and "INIT_FROM['b'] = 'a' must be a variant listed before 'b'" in (
+      r.stderr.splitlines()[-1]), r.stderr
+
+
+def test_continued_variants_are_compared_at_cumulative_training_flops(tmp_path):
+  """b continues a: its curve starts at a's 30 steps of model FLOPs; the paired differences
+  subtract the BASELINE (b)."""
+  from experiments import tiny
+  from moex import config as config_lib
+  from moex.train import flops
+
+  config = tiny.get_config().to_dict()
+  config["model"]["vocab_size"] = 259
+  config["train"]["steps"] = 30
+  for d in ("a", "b", "seed7/a", "seed7/b"):
+    os.makedirs(tmp_path / "root" / d)
+    write_workdir(tmp_path / "root" / d, torn=False, config=config)
+  (tmp_path / "exp.py").write_text(DEPENDENT.replace("UPCYCLE_FLAGS", "{}").replace("40", "30"))
+  r = subprocess.run(
+      [sys.executable, "-m", "moex.sweep", f"--config={tmp_path / 'exp.py'}",
+       f"--root={tmp_path / 'root'}", "--bench_steps=0", "--seeds=7"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = (tmp_path / "root" / "summary.md").read_text()
+  cfg = config_lib.validate(__import__("ml_collections").ConfigDict(config))
+  step = flops.train_flops_per_token(cfg) * cfg.data.batch_size * cfg.data.seq_len
+  assert f"| a | {0:.3e} | {30 * step:.3e} |" in summary, summary
+  assert f"| b | {30 * step:.3e} | {60 * step:.3e} |" in summary, summary
+  assert "| run | seed 0 | seed 7 | mean | sd | minus b (paired) |" in summary, summary
+  seeds = summary[summary.index("minus b (paired)"):]
+  assert seeds.index("| b | 3.0000 | 3.0000 |") < seeds.index("| a | 3.0000 | 3.0000 |")
+  assert (tmp_path / "root" / "sweep_flops.png").stat().st_size > 1000

@@ -64,7 +64,7 @@ def load_params(source: str, abstract_params, abstract_buffers) -> tuple[dict, d
   ConfigError (one line) when `source` holds neither params/ nor a checkpoint, or when a
   parameter is missing, extra or of another shape; CheckpointError when it cannot be read.
   """
-  where, label = _locate(source)
+  where, label = locate(source)
   wanted = {"params": abstract_params, "buffers": abstract_buffers}
   _check_shapes(_saved_shapes(where), _flat_shapes(wanted), where)
   restore_args = jax.tree.map(
@@ -81,7 +81,7 @@ def load_params(source: str, abstract_params, abstract_buffers) -> tuple[dict, d
   return params, buffers
 
 
-def _locate(source: str) -> tuple[epath.Path, str]:
+def locate(source: str) -> tuple[epath.Path, str]:
   """The orbax tree to read (params/, else the newest checkpoint's state) and its label."""
   root = workdir_lib.path(source)
   params = root / PARAMS
