@@ -334,10 +334,12 @@ class _UnitRun:
     self.writers = [_ShardWriter(unit.output, name) for name in unit.names]
     self.kill_at = _kill_point(unit.index)
     self.pending: list[tuple[bytes, int]] = []  # (text, 0 train / 1 val)
+    self.pending_bytes = 0
 
   def add(self, text: bytes, val: bool) -> None:
     self.pending.append((text, int(val)))
-    if sum(len(t) for t, _ in self.pending) >= _CHUNK_BYTES:
+    self.pending_bytes += len(text)
+    if self.pending_bytes >= _CHUNK_BYTES:
       self.flush()
 
   def flush(self) -> None:
@@ -349,8 +351,9 @@ class _UnitRun:
       tokens += ids.size
       if self.kill_at is not None and sum(w.documents for w in self.writers) >= self.kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    _count(len(texts), tokens, sum(map(len, texts)))
+    _count(len(texts), tokens, self.pending_bytes)
     self.pending.clear()
+    self.pending_bytes = 0
 
 
 def run_unit(unit: _Unit) -> dict:
