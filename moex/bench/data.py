@@ -46,6 +46,7 @@ def _define_flags() -> None:
 def write_stdlib_blocks(path: pathlib.Path) -> int:
   """The stdlib as JSON Lines of _BLOCK_LINES-line blocks; returns the number of documents."""
   count = 0
+  path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w", encoding="utf-8") as out:
     for f in sources.resolve_files("stdlib"):
       lines = f.read_text("utf-8", errors="replace").splitlines(keepends=True)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
+import glob
 import gzip
 import hashlib
 import io
@@ -92,6 +94,7 @@ class _Unit:
 
   index: int
   files: tuple[str, ...]
+  sizes: tuple[int, ...]  # bytes of each file, for the progress line
   names: tuple[str, str]  # train shard, val shard
   output: str
   options: Options
@@ -102,7 +105,7 @@ class _Unit:
 
 
 def _expand(pattern: str) -> list[epath.Path]:
-  """Files named by one path or glob (local or remote, '**' recursive)."""
+  """Files named by one path or glob (local: '**' recursive; remote: '*' only)."""
   pattern = os.path.expanduser(pattern)
   if _GLOB_CHARS.isdisjoint(pattern):
     path = epath.Path(pattern)
@@ -112,10 +115,16 @@ def _expand(pattern: str) -> list[epath.Path]:
     if not path.exists():
       raise PrepareError(f"--inputs: file not found: {path}")
     return [path]
+  if _is_local(pattern):
+    return [epath.Path(p) for p in glob.glob(pattern, recursive=True)
+            if os.path.isfile(p)]
   parts = pattern.split("/")
   first = next(i for i, p in enumerate(parts) if not _GLOB_CHARS.isdisjoint(p))
-  root = "/".join(parts[:first]) or "."
-  return [p for p in epath.Path(root).glob("/".join(parts[first:])) if p.is_file()]
+  root = "/".join(parts[:first])
+  try:
+    return [p for p in epath.Path(root).glob("/".join(parts[first:])) if p.is_file()]
+  except NotImplementedError as e:  # '**' on a remote store
+    raise PrepareError(f"--inputs: {pattern}: {e}") from None
 
 
 def resolve_inputs(spec: str) -> list[epath.Path]:
@@ -265,7 +274,7 @@ def is_val(text: bytes, val_fraction: float) -> bool:
 # ---------------------------------------------------------------------------------------
 # One unit (runs in a worker process).
 
-_counters = None  # [documents, tokens, text bytes] shared with the main process
+_counters = None  # [documents, tokens, input bytes read] shared with the main process
 
 
 def _init_worker(counters) -> None:
@@ -302,7 +311,7 @@ class _ShardWriter:
     self.documents = self.tokens = self.text_bytes = 0
 
   def write(self, ids: np.ndarray, text_bytes: int) -> None:
-    self.writer.write(ids.tobytes())
+    self.writer.write(ids.astype(ids.dtype.newbyteorder("<"), copy=False).tobytes())
     self.documents += 1
     self.tokens += int(ids.size)
     self.text_bytes += text_bytes
@@ -321,14 +330,20 @@ class _ShardWriter:
 
 
 def _is_local(path: str) -> bool:
-  return "://" not in path or path.startswith("file://")
+  return "://" not in path
+
+
+@functools.cache
+def _tokenizer(spec: str) -> tokenizer_lib.Tokenizer:
+  """The tokenizer of --tokenizer, loaded once per worker process."""
+  return tokenizer_lib.get_tokenizer(spec)
 
 
 class _UnitRun:
   """Documents of one unit, tokenized a chunk at a time into its train and val shards."""
 
   def __init__(self, unit: _Unit):
-    self.tok = tokenizer_lib.get_tokenizer(unit.options.tokenizer)
+    self.tok = _tokenizer(unit.options.tokenizer)
     self.bos, self.eos = sources._separators(  # pylint: disable=protected-access
         self.tok, tokenizer_lib.id_dtype(self.tok.vocab_size))
     self.writers = [_ShardWriter(unit.output, name) for name in unit.names]
@@ -351,7 +366,7 @@ class _UnitRun:
       tokens += ids.size
       if self.kill_at is not None and sum(w.documents for w in self.writers) >= self.kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    _count(len(texts), tokens, self.pending_bytes)
+    _count(len(texts), tokens, 0)
     self.pending.clear()
     self.pending_bytes = 0
 
@@ -364,7 +379,7 @@ def run_unit(unit: _Unit) -> dict:
   """
   run = _UnitRun(unit)
   errors, warnings = 0, []
-  for path in unit.files:
+  for path, size in zip(unit.files, unit.sizes):
     for where, text, error in documents(path, unit.options):
       if error is None:
         run.add(text, is_val(text, unit.options.val_fraction))
@@ -372,6 +387,7 @@ def run_unit(unit: _Unit) -> dict:
       errors += 1
       if len(warnings) < _WARNINGS_PER_UNIT:
         warnings.append(f"{where}: {error}")
+    _count(0, 0, size)
   run.flush()
   entries = []
   for split, writer in zip(SPLITS, run.writers):
@@ -452,8 +468,8 @@ class _Progress:
     docs, tokens, nbytes = list(self.counters)
     rate = nbytes / max(now - self.start, 1e-9)
     left = max(self.total - self.done - nbytes, 0) / max(rate, 1e-9)
-    logging.info("prepare: %d documents, %d tokens, %.1f/%.1f MB, %.1f MB/s, about %.0f s "
-                 "left", docs, tokens, (self.done + nbytes) / 1e6, self.total / 1e6,
+    logging.info("prepare: %d documents, %d tokens, %.1f/%.1f MB of input, %.1f MB/s, about "
+                 "%.0f s left", docs, tokens, (self.done + nbytes) / 1e6, self.total / 1e6,
                  rate / 1e6, left if nbytes else float("nan"))
 
 
@@ -505,13 +521,13 @@ def prepare(inputs: str, output: str, options: Options, workers: int = 0) -> dic
   shards = _finished_shards(out, old)
   finished = {s["unit"] for s in shards}
   _remove_partials(out)
-  todo = [_Unit(u, tuple(str(files[i]) for i in unit),
+  sizes = [s for _, s in plan["inputs"]]
+  todo = [_Unit(u, tuple(str(files[i]) for i in unit), tuple(sizes[i] for i in unit),
                 tuple(_shard_name(split, u, len(units)) for split in SPLITS), str(out), options)
           for u, unit in enumerate(units) if u not in finished]
   if finished:
     logging.info("prepare: resuming: %d of %d units already written", len(finished),
                  len(units))
-  sizes = [s for _, s in plan["inputs"]]
   done_bytes = sum(sizes[i] for u in finished for i in units[u])
   counters = multiprocessing.get_context("spawn").Array("q", 3)
   progress = _Progress(counters, sum(sizes), done_bytes)
