@@ -80,9 +80,9 @@ def test_eval_rows_pad_only_the_last_row(two_sources):
   for row in rows:
     _pieces_are_consistent(row["segment_ids"], row["positions"])
   assert all((r["segment_ids"] != 0).all() for r in rows[:-1])
-  batches, n = shards.eval_batches([p], (1.0,), 127, 4, 3)
-  again, _ = shards.eval_batches([p], (1.0,), 127, 4, 3)
-  assert n == 3 and all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)
+  batches = shards.eval_batches([p], (1.0,), 127, 4, 3)
+  again = shards.eval_batches([p], (1.0,), 127, 4, 3)
+  assert len(batches) == 3 and all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)
 
 
 def test_mixture_token_shares_converge_to_the_weights(two_sources):

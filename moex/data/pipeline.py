@@ -234,11 +234,11 @@ def _build_prepared(cfg: config_lib.DataConfig, tok: tokenizer_lib.Tokenizer, se
   logging.info("data: prepared %s", ", ".join(
       f"{p.directory} ({p.tokens('train')} train / {p.tokens('val')} val tokens, weight "
       f"{w:.3g})" for p, w in zip(prepared, cfg.weights)))
-  evals, available = shards.eval_batches(prepared, cfg.weights, cfg.seq_len, batch_per_process,
-                                         cfg.eval_batches, process_index, process_count)
-  if available < cfg.eval_batches:
+  evals = shards.eval_batches(prepared, cfg.weights, cfg.seq_len, batch_per_process,
+                              cfg.eval_batches, process_index, process_count)
+  if len(evals) < cfg.eval_batches:
     logging.warning("data.eval_batches: %d requested, the prepared validation splits hold %d; "
-                    "using %d", cfg.eval_batches, available, available)
+                    "using %d", cfg.eval_batches, len(evals), len(evals))
   return Data(
       train_iter=shards.train_iterator(prepared, cfg.weights, cfg.seq_len, batch_per_process,
                                        seed, process_index, process_count),

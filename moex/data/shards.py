@@ -193,9 +193,9 @@ def train_iterator(prepared: list[Prepared], weights: tuple[float, ...], seq_len
 
 def eval_batches(prepared: list[Prepared], weights: tuple[float, ...], seq_len: int,
                  batch_per_process: int, num_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> tuple[list[dict[str, np.ndarray]], int]:
+                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
   """This process's rows of the first `num_batches` global batches of the val splits, mixed
-  (fewer when the splits hold fewer); and how many there were."""
+  (fewer when the splits hold fewer)."""
   _check_process(process_index, process_count)
   rows = [packed_rows(documents(p, "val"), seq_len, i) for i, p in enumerate(prepared)]
   global_batch = batch_per_process * process_count
@@ -211,4 +211,4 @@ def eval_batches(prepared: list[Prepared], weights: tuple[float, ...], seq_len: 
     raise ValueError(f"data.batch_size: {global_batch} rows per batch but the val split of "
                      f"{dirs} holds less than one batch of {seq_len + 1} tokens; prepare with "
                      f"a larger --val_fraction or lower the batch size")
-  return batches, len(batches)
+  return batches
