@@ -104,7 +104,8 @@ def test_bad_data_counted_then_fatal_above_threshold(tmp_path, caplog):
   good = [json.dumps({"text": f"document {i}"}) for i in range(20)]
   bad = ['{"text": broken', json.dumps({"body": "x"}), json.dumps({"text": 3}),
          json.dumps({"text": "\ud800"})]
-  (src / "a.jsonl").write_bytes(("\n".join(good[:10] + bad) + "\n").encode() + b'{"text": "\xff"}\n')
+  lines = ("\n".join(good[:10] + bad) + "\n").encode() + b'{"text": "\xff"}\n'
+  (src / "a.jsonl").write_bytes(lines)
   (src / "b.jsonl").write_text("\n".join(good[10:]) + "\n")
   (src / "c.txt").write_bytes(b"caf\xe9")  # Latin-1, not UTF-8
   (src / "d.jsonl.gz").write_bytes(b"not gzip at all")
@@ -150,10 +151,20 @@ def test_plan_units_groups_consecutive_files():
   assert prepare.plan_units([5, 5, 5, 20, 1, 1], 10) == [[0, 1], [2], [3], [4, 5]]
 
 
-def test_output_on_gcs(tmp_path, fake_gcs):
+def test_inputs_and_output_on_gcs(tmp_path, fake_gcs):
   del fake_gcs
-  glob = write_jsonl_corpus(tmp_path / "in", files=2, docs=50)
-  manifest = prepare.prepare(glob, "gs://bucket/prepared", _options(val_fraction=0.2))
+  write_jsonl_corpus(tmp_path / "in", files=2, docs=50)
+  for f in sorted((tmp_path / "in").iterdir()):
+    (epath.Path("gs://bucket/in") / f.name).write_bytes(f.read_bytes())
+  local = prepare.prepare(str(tmp_path / "in" / "*.jsonl"), str(tmp_path / "local"),
+                          _options(val_fraction=0.2))
+  manifest = prepare.prepare("gs://bucket/in/*.jsonl", "gs://bucket/prepared",
+                             _options(val_fraction=0.2))
+  assert [s["tokens"] for s in manifest["shards"]] == [s["tokens"] for s in local["shards"]]
+  assert manifest["inputs"][0][0] == "gs://bucket/in/part-0.jsonl"
+  for shard in manifest["shards"]:  # the same bytes as a local preparation of the same text
+    remote = (epath.Path("gs://bucket/prepared") / shard["name"]).read_bytes()
+    assert remote == (tmp_path / "local" / shard["name"]).read_bytes()
   listed = sorted(p.name for p in epath.Path("gs://bucket/prepared").iterdir())
   assert listed == sorted([prepare.MANIFEST] + [s["name"] for s in manifest["shards"]])
   assert shards.open_prepared("gs://bucket/prepared").manifest == manifest

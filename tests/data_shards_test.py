@@ -82,7 +82,8 @@ def test_eval_rows_pad_only_the_last_row(two_sources):
   assert all((r["segment_ids"] != 0).all() for r in rows[:-1])
   batches = shards.eval_batches([p], (1.0,), 127, 4, 3)
   again = shards.eval_batches([p], (1.0,), 127, 4, 3)
-  assert len(batches) == 3 and all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)
+  assert len(batches) == 3
+  assert all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again) for k in a)
 
 
 def test_mixture_token_shares_converge_to_the_weights(two_sources):
