@@ -69,6 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.seq_len = 256  # Tokens per training sequence L.
   d.batch_size = 16  # Global batch B, in sequences; divisible by the process count.
   d.eval_batches = 8  # Validation batches per evaluation (the same ones every time).
+  # Prepared token shards instead of data.source (python -m moex.data.prepare; WORKSPACE.md
+  # "Data at scale"): comma-separated directories, local or gs://; "" = off. Documents are
+  # packed into rows with segment ids and positions; source, val_fraction and cache_dir are
+  # then unused (the split was chosen at preparation).
+  d.prepared = ""
+  d.mixture_weights = ""  # With several data.prepared: their token shares, e.g. "0.7,0.3".
 
   c.opt = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-3  # Peak learning rate of AdamW.

@@ -132,6 +132,24 @@ class DataConfig:
   seq_len: int
   batch_size: int
   eval_batches: int
+  # Prepared datasets (python -m moex.data.prepare): comma-separated directories, local or
+  # gs://; "" = the token cache of data.source. With several, mixture_weights (comma-separated,
+  # one per directory, > 0; "" = equal) are their shares of the training tokens.
+  prepared: str = ""
+  mixture_weights: str = ""
+
+  @property
+  def prepared_dirs(self) -> tuple[str, ...]:
+    """data.prepared's directories, in order ("" -> none)."""
+    return tuple(d.strip() for d in self.prepared.split(",") if d.strip())
+
+  @property
+  def weights(self) -> tuple[float, ...]:
+    """data.mixture_weights as floats, normalized to sum 1 (equal when "")."""
+    dirs = self.prepared_dirs
+    raw = ([float(w) for w in self.mixture_weights.split(",")] if self.mixture_weights.strip()
+           else [1.0] * len(dirs))
+    return tuple(w / sum(raw) for w in raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +237,27 @@ def _positive(section, obj, *names) -> None:
 
 def _one_of(key, value, allowed) -> None:
   _check(value in allowed, key, f"unknown value {value!r} (known: {', '.join(allowed)})")
+
+
+def _check_prepared(data: DataConfig) -> None:
+  """data.prepared and data.mixture_weights (read only when data.prepared is set)."""
+  for key in ("prepared", "mixture_weights"):
+    _check(isinstance(getattr(data, key), str), f"data.{key}",
+           f"must be a comma-separated str, got {getattr(data, key)!r}")
+  dirs = data.prepared_dirs
+  _check(len(set(dirs)) == len(dirs), "data.prepared", f"lists a directory twice: {dirs}")
+  if not data.mixture_weights.strip():
+    return
+  _check(bool(dirs), "data.mixture_weights", "set without data.prepared")
+  try:
+    weights = [float(w) for w in data.mixture_weights.split(",")]
+  except ValueError:
+    raise ConfigError(f"data.mixture_weights: {data.mixture_weights!r} is not comma-separated "
+                      "numbers") from None
+  _check(len(weights) == len(dirs), "data.mixture_weights",
+         f"{len(weights)} weights for {len(dirs)} data.prepared directories")
+  _check(all(math.isfinite(w) and w > 0 for w in weights), "data.mixture_weights",
+         f"must all be finite and > 0, got {data.mixture_weights!r}")
 
 
 def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Config:
@@ -315,6 +354,7 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   _check(0 < data.val_fraction < 1, "data.val_fraction",
          f"must be in (0, 1), got {data.val_fraction!r}")
   _check(bool(data.source.strip()), "data.source", "must name 'stdlib' or files")
+  _check_prepared(data)
 
   _positive("opt", opt, "learning_rate", "eps")
   _check(opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")

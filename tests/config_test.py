@@ -112,6 +112,29 @@ def test_optimizer_and_data_ranges(key, value, fragment):
   assert str(e.value) == fragment
 
 
+@pytest.mark.parametrize("prepared,weights,message", [
+    ("a,b", "1,2,3", "data.mixture_weights: 3 weights for 2 data.prepared directories"),
+    ("a,b", "1,0", "data.mixture_weights: must all be finite and > 0, got '1,0'"),
+    ("a,b", "1,x", "data.mixture_weights: '1,x' is not comma-separated numbers"),
+    ("", "1", "data.mixture_weights: set without data.prepared"),
+    ("a,a", "", "data.prepared: lists a directory twice: ('a', 'a')"),
+])
+def test_prepared_data_fields(prepared, weights, message):
+  cd = _set(_set(tiny.get_config(), "data.prepared", prepared), "data.mixture_weights", weights)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cd, vocab_size=259)
+  assert str(e.value) == message
+
+
+def test_prepared_weights_are_normalized_and_default_equal():
+  cd = tiny.get_config()
+  assert config_lib.validate(cd, vocab_size=259).data.prepared_dirs == ()  # off by default
+  cd = _set(cd, "data.prepared", " a , gs://b/c ")
+  assert config_lib.validate(cd, vocab_size=259).data.weights == (0.5, 0.5)
+  cfg = config_lib.validate(_set(cd, "data.mixture_weights", "3,1"), vocab_size=259)
+  assert cfg.data.prepared_dirs == ("a", "gs://b/c") and cfg.data.weights == (0.75, 0.25)
+
+
 def test_dense_layers_override_the_moe_pattern():
   cd = _set(tiny.get_config(), "model.dense_layers", [2, 0])
   cfg = config_lib.validate(cd, vocab_size=259)

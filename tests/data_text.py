@@ -53,3 +53,23 @@ def write_word_level(directory: pathlib.Path, size: int) -> pathlib.Path:
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   tok.save(str(directory / "tokenizer.json"))
   return directory
+
+
+def write_jsonl_corpus(directory: pathlib.Path, files: int = 4, docs: int = 3000,
+                       prefix: str = "") -> str:
+  """`docs` JSON lines {"text": ...} over `files` files of directory/: blocks of 12 lines of
+  stdlib modules (from the first module on, in order), `prefix` before each; returns a glob."""
+  import json  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  blocks = []
+  for path in sorted(root.glob("*.py")):
+    lines = path.read_text("utf-8", errors="replace").splitlines(keepends=True)
+    blocks += ["".join(lines[i:i + 12]) for i in range(0, len(lines), 12)]
+    if len(blocks) >= docs:
+      break
+  directory.mkdir(parents=True, exist_ok=True)
+  for f in range(files):
+    with open(directory / f"part-{f}.jsonl", "w", encoding="utf-8") as out:
+      for text in blocks[f:docs:files]:
+        out.write(json.dumps({"text": prefix + text}) + "\n")
+  return str(directory / "*.jsonl")

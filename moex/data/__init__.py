@@ -1,5 +1,5 @@
 """Data: tokenizers (byte, Hugging Face, SentencePiece), file sources with a token cache,
-grain pipelines."""
+grain pipelines; prepared token shards (moex.data.prepare, moex.data.shards)."""
 
 from moex.data.pipeline import build
 from moex.data.pipeline import Data

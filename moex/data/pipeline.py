@@ -1,5 +1,8 @@
 """Packed next-token windows, grain iterators, and their checkpoint args.
 
+With config data.prepared the data come from prepared shards instead (moex/data/shards.py:
+documents packed with segment ids and positions, mixtures); `build` chooses.
+
 Letters: B = batch per process, L = sequence length (windows hold L + 1 tokens,
 the extra one being the last target).
 
@@ -33,6 +36,7 @@ import grain
 import numpy as np
 
 from moex import config as config_lib
+from moex.data import shards
 from moex.data import sources
 from moex.data import tokenizer as tokenizer_lib
 
@@ -172,6 +176,15 @@ class Data:
   train_tokens: int
   val_tokens: int
 
+  def log_fields(self) -> dict:
+    """For a train line: each prepared source's tokens delivered so far and their shares."""
+    if not isinstance(self.train_iter, shards.SourceTokens):
+      return {}
+    tokens = self.train_iter.tokens()
+    total = max(sum(tokens.values()), 1)
+    return {"source_tokens": tokens,
+            "source_token_share": {k: v / total for k, v in tokens.items()}}
+
 
 def build(
     cfg: config_lib.DataConfig,
@@ -186,6 +199,8 @@ def build(
   """
   batch_per_process = cfg.batch_size // process_count
   tok = tokenizer_lib.get_tokenizer(cfg.tokenizer)
+  if cfg.prepared_dirs:
+    return _build_prepared(cfg, tok, seed, process_index, process_count)
   files = sources.resolve_files(cfg.source)
   train_files, val_files = sources.split_files(files, cfg.val_fraction)
   logging.info(
@@ -207,6 +222,29 @@ def build(
       train_tokens=int(train_tokens.shape[0]),
       val_tokens=int(val_tokens.shape[0]),
   )
+
+
+def _build_prepared(cfg: config_lib.DataConfig, tok: tokenizer_lib.Tokenizer, seed: int,
+                    process_index: int, process_count: int) -> Data:
+  """Data from prepared shards (config data.prepared), checked against data.tokenizer."""
+  prepared = [shards.open_prepared(d) for d in cfg.prepared_dirs]
+  for p in prepared:
+    shards.check_tokenizer(p, tok)
+  batch_per_process = cfg.batch_size // process_count
+  logging.info("data: prepared %s", ", ".join(
+      f"{p.directory} ({p.tokens('train')} train / {p.tokens('val')} val tokens, weight "
+      f"{w:.3g})" for p, w in zip(prepared, cfg.weights)))
+  evals = shards.eval_batches(prepared, cfg.weights, cfg.seq_len, batch_per_process,
+                              cfg.eval_batches, process_index, process_count)
+  if len(evals) < cfg.eval_batches:
+    logging.warning("data.eval_batches: %d requested, the prepared validation splits hold %d; "
+                    "using %d", cfg.eval_batches, len(evals), len(evals))
+  return Data(
+      train_iter=shards.train_iterator(prepared, cfg.weights, cfg.seq_len, batch_per_process,
+                                       seed, process_index, process_count),
+      eval_batches=evals, tokenizer=tok,
+      train_tokens=sum(p.tokens("train") for p in prepared),
+      val_tokens=sum(p.tokens("val") for p in prepared))
 
 
 def data_checkpoint_handler() -> grain.checkpoint.CheckpointHandler:

@@ -313,7 +313,7 @@ class _Runner:
                     "grad_norm": s["grad_norm"], "tokens_per_sec": tps,
                     "load_balance_loss": s["load_balance_loss"],
                     "seq_load_balance_loss": s["seq_load_balance_loss"], "z_loss": s["z_loss"],
-                    **self.mfu(tps)}
+                    **self.mfu(tps), **self.data.log_fields()}
           self.writer.metrics(record)
           churn_N = None
           if first_choice is not None:
