@@ -17,7 +17,7 @@ ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_bias", "expert_cho
            "random")
 DROP_POLICIES = ("position", "probability")
 DISPATCHES = ("capacity", "dropless")
-GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "megablox")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "blocked", "megablox")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")

@@ -61,6 +61,7 @@ SEQUENCES, SEQ_LEN, D_MODEL = 16, 256, 512
 PATHS = (("capacity_1.25", dict(dispatch="capacity", capacity_factor=1.25)),
          ("capacity_2.0", dict(dispatch="capacity", capacity_factor=2.0)),
          ("dropless_chunked", dict(dispatch="dropless", grouped_matmul="chunked")),
+         ("dropless_blocked", dict(dispatch="dropless", grouped_matmul="blocked")),
          ("dropless_tiled", dict(dispatch="dropless", grouped_matmul="tiled")),
          ("dropless_ragged_dot", dict(dispatch="dropless", grouped_matmul="ragged_dot")))
 
@@ -113,13 +114,17 @@ def _measure(module: nnx.Module, apply, x) -> dict:
   return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "executed_gflops": flops / 1e9}
 
 
-def _chunked_loop_correction(block: MoEBlock, x, d: int, f: int) -> float:
-  """XLA's cost analysis counts a loop body once; add the chunks the loops really ran."""
+def _loop_correction(block: MoEBlock, x, d: int, f: int, backend: str) -> float:
+  """XLA's cost analysis counts a loop body once; add the chunks the loops really ran (the
+  "chunked" backend's, and the overflow loops of "blocked")."""
   logits = block.router(x)
   r = routing.ROUTERS[block.cfg.router](logits, block.cfg, routing.Context(train=True))
-  sizes_E = balancing.expert_counts(r.expert_index_GxSxK, block.cfg.num_experts).sum(0)
+  e = block.cfg.num_experts
+  sizes_E = balancing.expert_counts(r.expert_index_GxSxK, e).sum(0)
   m = int(sizes_E.sum())
-  chunk = gmm.default_chunk(m, block.cfg.num_experts)
+  chunk = gmm.default_chunk(m, e)
+  if backend == "blocked":
+    sizes_E = jnp.maximum(sizes_E - gmm.BlockedLayout(sizes_E, m).capacity, 0)
   rows = int(gmm.chunked_executed_rows(sizes_E, chunk))
   return 3 * (rows - chunk) * 2 * d * f
 
@@ -199,8 +204,8 @@ def run_shape(name: str, peak: float) -> list[dict]:
     model_cfg, moe_cfg = _configs(shape, path)
     block = MoEBlock(model_cfg, moe_cfg, nnx.Rngs(0))
     r = _measure(block, lambda m, x: m(x, train=True)[0], x)
-    if path.get("grouped_matmul") == "chunked":
-      r["executed_gflops"] += _chunked_loop_correction(block, x, d, f) / 1e9
+    if path.get("grouped_matmul") in ("chunked", "blocked"):
+      r["executed_gflops"] += _loop_correction(block, x, d, f, path["grouped_matmul"]) / 1e9
     rows.append({"shape": name, "path": path_name, **r,
                  "ratio_fwd_bwd": r["fwd_bwd_ms"] / base["fwd_bwd_ms"],
                  "flop_ratio": r["executed_gflops"] * 1e9 / analytic_moe,
