@@ -102,6 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   t.init_from = ""  # Fine-tuning: a workdir (local or gs://) whose parameters start this run
   # when its own workdir has no checkpoint yet (a resume ignores it); read from its params/
   # (an imported model) or else its newest checkpoint, cast to model.param_dtype. "" = off.
+  t.profile_steps = 0  # Trace this many steps with jax.profiler into WORKDIR/tensorboard
+  # (TensorBoard's Profile tab, with tensorboard-plugin-profile; process 0 only). 0 = off.
+  t.profile_start = 5  # The first traced step: later than compilation and the first steps.
 
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Mesh axis sizes; one may be -1 = all remaining devices.

@@ -17,7 +17,7 @@ ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_bias", "expert_cho
            "random")
 DROP_POLICIES = ("position", "probability")
 DISPATCHES = ("capacity", "dropless")
-GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "megablox")
+GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "blocked", "megablox")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -178,6 +178,8 @@ class TrainConfig:
   progress_seconds: float
   grad_accum_steps: int = 1
   init_from: str = ""  # A workdir whose parameters start a fresh run; "" = random init.
+  profile_steps: int = 0  # Steps traced by jax.profiler into WORKDIR/tensorboard; 0 = off.
+  profile_start: int = 5  # The first traced step (after compilation and warm-up).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +374,10 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
             "keep_checkpoints", "progress_seconds", "grad_accum_steps")
   _check(isinstance(train.init_from, str), "train.init_from",
          f"must be a str (a workdir path or gs:// URL; '' = off), got {train.init_from!r}")
+  _check(train.profile_steps >= 0, "train.profile_steps",
+         f"must be >= 0 (0 = no trace), got {train.profile_steps!r}")
+  _check(train.profile_start >= 1, "train.profile_start",
+         f"must be >= 1 (the first traced step), got {train.profile_start!r}")
   _check(data.batch_size % train.grad_accum_steps == 0, "train.grad_accum_steps",
          f"{train.grad_accum_steps} does not divide data.batch_size={data.batch_size}")
 

@@ -192,7 +192,7 @@ def test_dropless_sorted_rows_and_group_sizes():
   np.testing.assert_allclose(y[0], factor_S[:, None] * np.asarray(x[0]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["ragged_dot", "tiled", "chunked"])
+@pytest.mark.parametrize("backend", ["ragged_dot", "tiled", "chunked", "blocked"])
 def test_dropless_equals_capacity_without_drops(backend):
   g, s, d, e, k = 2, 6, 5, 4, 2
   rng = np.random.default_rng(5)

@@ -14,7 +14,7 @@ nnx.use_eager_sharding(False)
 
 
 D, F = 16, 32
-BACKENDS = ("ragged_dot", "tiled", "chunked", "megablox")
+BACKENDS = ("ragged_dot", "tiled", "chunked", "blocked", "megablox")
 GROUP_SIZES = {
     "empty_groups": [3, 0, 5, 0],  # an empty group inside and one at the end
     "leading_empty": [0, 0, 7, 6],
@@ -69,7 +69,7 @@ def test_tiled_layout_any_tile(tile):
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["tiled", "chunked", "megablox"])
+@pytest.mark.parametrize("backend", ["tiled", "chunked", "blocked", "megablox"])
 @pytest.mark.parametrize("case", sorted(GROUP_SIZES))
 def test_gradients_equal_ragged_dot(case, backend):
   x, w, sizes_E = _inputs(GROUP_SIZES[case], seed=2)

@@ -162,7 +162,7 @@ def _check_stats(s, *, b, l, e, k, capacity, dropless):
 # (dispatch, grouped_matmul): every path with nothing dropped (capacity_factor = E).
 # ("dropless", "auto") is one of the two backends; which one depends on the platform.
 NO_DROP_PATHS = [("capacity", "auto"), ("dropless", "ragged_dot"), ("dropless", "tiled"),
-                 ("dropless", "chunked")]
+                 ("dropless", "chunked"), ("dropless", "blocked")]
 
 
 @pytest.mark.parametrize("path,backend", NO_DROP_PATHS)
@@ -609,3 +609,23 @@ def test_chunked_path_with_loop_trip_correction():
   ratio = raw + 3 * (rows - chunk) * 2 * FLOPS_D * FLOPS_F / ANALYTIC
   assert rows / M <= ratio <= rows / M + OVERHEAD, (ratio, rows / M)
   assert ratio <= 1.1, ratio
+
+
+def test_blocked_path_pays_the_blocks_and_the_overflow_chunks():
+  # E blocks of C = M // E rows (one einsum, counted fully) plus the overflow loops, whose
+  # body XLA counts once: add the chunks they really run, as moex/bench/moe_layer.py does.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(T, FLOPS_D))
+  w_router = rng.normal(size=(FLOPS_D, E)) * 0.02  # the block's init scale (init_std)
+  top_TxK = np.argsort(-(x @ w_router), axis=-1, kind="stable")[:, :K]
+  sizes_E = np.bincount(top_TxK.ravel(), minlength=E)
+  c, chunk = M // E, gmm.default_chunk(M, E)
+  over_E = np.maximum(sizes_E - c, 0)
+  layout = gmm.BlockedLayout(jnp.asarray(sizes_E, jnp.int32), M)
+  assert layout.capacity == c
+  assert int(layout.executed_rows()) == E * c + int(np.sum(-(-over_E // chunk))) * chunk
+  raw = _flop_ratio(dispatch="dropless", grouped_matmul="blocked")
+  loops = int(gmm.chunked_executed_rows(jnp.asarray(over_E), chunk))
+  ratio = raw + 3 * (loops - chunk) * 2 * FLOPS_D * FLOPS_F / ANALYTIC
+  rows = int(layout.executed_rows())
+  assert rows / M <= ratio <= rows / M + OVERHEAD, (ratio, rows / M)

@@ -1,5 +1,8 @@
 """moex/train/flops.py: model FLOPs count only active work; MFU and peaks."""
 
+import json
+import logging
+
 import jax
 import pytest
 
@@ -57,3 +60,46 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
   assert first > 0 and (tmp_path / "cpu_peak.json").exists()
   monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("re-measured"))
   assert flops.cpu_peak_flops(size=256) == first
+
+
+def test_cpu_peak_keeps_the_best_probe_and_its_spread(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path))
+  probes = iter([flops.Probe(2e11, 1.5e11, 1e11), flops.Probe(4e11, 4e11, 3.9e11),
+                 flops.Probe(3e11, 3e11, 3e11)])
+  monkeypatch.setattr(flops, "measure_matmul_peak", lambda size, repeats: next(probes))
+  assert flops.cpu_peak_flops() == 2e11
+  assert flops.cpu_peak_flops(remeasure=True) == 4e11
+  assert flops.cpu_peak_flops(remeasure=True) == 4e11  # a worse probe never lowers the peak
+  assert flops.cpu_peak_flops() == 4e11
+  cached = json.loads((tmp_path / "cpu_peak.json").read_text())
+  assert [p["best"] for p in cached["probes"]] == [2e11, 4e11, 3e11]
+  assert cached["probes"][0]["spread"] == pytest.approx(0.5)
+
+
+def test_cpu_peak_reads_a_single_number_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path))
+  (tmp_path / "cpu_peak.json").write_text(json.dumps(
+      {"key": flops._cpu_key(), "flops": 2.189e11, "matmul": 2048}))
+  monkeypatch.setattr(flops, "measure_matmul_peak",
+                      lambda size, repeats: flops.Probe(4.84e11, 4.8e11, 4.7e11))
+  assert flops.cpu_peak_flops() == 2.189e11
+  assert flops.cpu_peak_flops(remeasure=True) == 4.84e11
+
+
+def test_mfu_remeasures_an_implausibly_low_cpu_peak(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path))
+  per_device = lambda peak: peak / len(jax.local_devices())
+  (tmp_path / "cpu_peak.json").write_text(json.dumps(
+      {"key": flops._cpu_key(), "flops": 1e11}))
+  monkeypatch.setattr(flops, "measure_matmul_peak",
+                      lambda size, repeats: flops.Probe(4e11, 4e11, 4e11))
+  mfu = flops.MFU(_cfg(), num_devices=1)
+  assert mfu.peak == per_device(1e11)
+  plausible = 0.4 * mfu.peak / mfu.flops_per_token  # tokens/s at 40% MFU: kept as is
+  assert mfu(plausible)["mfu"] == pytest.approx(0.4) and mfu.peak == per_device(1e11)
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    out = mfu(0.8 * per_device(1e11) / mfu.flops_per_token)  # 80%: re-measured, once
+  assert "implausibly high" in caplog.text
+  assert mfu.peak == per_device(4e11) and out["mfu"] == pytest.approx(0.2)
+  monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a: pytest.fail("re-measured"))
+  mfu(0.9 * mfu.peak / mfu.flops_per_token)

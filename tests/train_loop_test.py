@@ -1,5 +1,6 @@
 """End-to-end: train, stop, resume; outputs follow their contracts."""
 
+import gzip
 import json
 import math
 import os
@@ -307,3 +308,25 @@ def test_schedule_warning_only_when_rates_to_come_move(schedule, latest, warns):
     assert _schedule_warnings(warning)[0].endswith(
         "resume from a checkpoint before step 16 (the old decay's start) to extend without "
         "changing it")
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(tiny_config, tmp_path):
+  tiny_config.train.profile_start = 2
+  tiny_config.train.profile_steps = 2
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(tiny_config, str(workdir))
+  runs = list((workdir / "tensorboard" / "plugins" / "profile").iterdir())
+  assert len(runs) == 1
+  names = [p.name for p in runs[0].iterdir()]
+  assert any(n.endswith(".xplane.pb") for n in names), names
+  # The annotated steps are in the trace: the two traced steps, and no others.
+  trace = json.loads(gzip.decompress(next(runs[0].glob("*.trace.json.gz")).read_bytes()))
+  steps = {e["args"]["step_num"] for e in trace["traceEvents"]
+           if e.get("name") == "train" and "step_num" in e.get("args", {})}
+  assert steps == {"2", "3"}, steps
+
+
+def test_profile_config_is_validated(tiny_config):
+  tiny_config.train.profile_steps = -1
+  with pytest.raises(config_lib.ConfigError, match="train.profile_steps"):
+    config_lib.validate(tiny_config, vocab_size=259)

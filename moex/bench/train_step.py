@@ -4,8 +4,11 @@
 
 Compiles (AOT), warms up, then times `--steps` steps on a fixed random batch (data loading
 is not part of the step). Model FLOPs follow moex/train/flops.py (active parameters only,
-never capacity padding); MFU divides by the peak of the devices (a cached matmul probe on
-CPU). Also prints XLA's own count of the compiled step's FLOPs, for comparison.
+never capacity padding); MFU divides by the peak of the devices. On CPU the peak is a
+float32 matmul probe taken in this process before and after the timed steps (the better of
+the two; both printed, so a run that shared its cores shows as two different probes); on
+an accelerator, the data-sheet peak. Also prints XLA's own count of the compiled step's
+FLOPs, for comparison.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def bench(cd, steps: int, warmup: int) -> dict:
   tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
   model, init_fn = state_lib.build(cfg, tx, mesh)
   state = init_fn(cfg.seed)
+  on_cpu = jax.devices()[0].platform == "cpu"
+  before = flops.measure_matmul_peak() if on_cpu else None
   batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
   tokens = jax.device_put(np.random.default_rng(0).integers(
       0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), np.int32), batch_sh)
@@ -61,13 +66,19 @@ def bench(cd, steps: int, warmup: int) -> dict:
       state, m = compiled(state, tokens)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t)
+  after = flops.measure_matmul_peak() if on_cpu else None
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   step_s = statistics.median(times)
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   tps = tokens_per_step / step_s
-  mfu = flops.MFU(cfg, mesh.devices.size)
-  return {"device": jax.devices()[0].device_kind, "devices": mesh.devices.size,
+  probes, peak = {}, None
+  if on_cpu:  # the in-run peak, shared by the simulated devices as in device_peak_flops
+    peak = max(before.best, after.best) / max(len(jax.local_devices()), 1)
+    probes = {"peak_before_gflops": before.best / 1e9, "peak_after_gflops": after.best / 1e9,
+              "peak_spread": max(before.spread, after.spread)}
+  mfu = flops.MFU(cfg, mesh.devices.size, peak=peak)
+  return {**probes, "device": jax.devices()[0].device_kind, "devices": mesh.devices.size,
           "compile_s": compile_s, "step_ms": step_s * 1e3, "tokens_per_sec": tps,
           "model_flops_per_token": mfu.flops_per_token,
           "xla_flops_per_step": float(cost.get("flops", 0.0)),
@@ -85,6 +96,10 @@ def main(argv):
         f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%')} (peak "
         f"{r['peak_tflops_per_device']:.3f} TFLOP/s per device); XLA counts "
         f"{r['xla_flops_per_step'] / max(model_flops_step, 1):.2f}x the model FLOPs")
+  if "peak_before_gflops" in r:
+    print(f"matmul peak in this run: {r['peak_before_gflops']:.1f} GFLOP/s before, "
+          f"{r['peak_after_gflops']:.1f} after (spread within a probe up to "
+          f"{r['peak_spread']:.0%})")
   if f.json:
     with open(f.json, "w") as out:
       json.dump(r, out, indent=2)

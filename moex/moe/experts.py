@@ -51,6 +51,13 @@ def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
     x_ZxPxD = layout.pad(x_MxD)
     h = jax.nn.silu(layout.matmul(x_ZxPxD, w.gate_ExDxF)) * layout.matmul(x_ZxPxD, w.up_ExDxF)
     return layout.unpad(layout.matmul(h, w.down_ExFxD))
+  if backend == "blocked":  # Blocks built once; the hidden rows stay in both layouts.
+    layout = gmm.BlockedLayout(group_sizes_E, x_MxD.shape[0])
+    g_ExCxF, g_MxF = layout.matmul(x_MxD, layout.to_blocks(x_MxD), w.gate_ExDxF)
+    u_ExCxF, u_MxF = layout.matmul(x_MxD, layout.to_blocks(x_MxD), w.up_ExDxF)
+    h_ExCxF, h_MxF = jax.nn.silu(g_ExCxF) * u_ExCxF, jax.nn.silu(g_MxF) * u_MxF
+    y_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, w.down_ExFxD)
+    return layout.from_blocks(y_ExCxD) + layout.overflow(h_MxF, w.down_ExFxD)
   g = gmm.grouped_matmul(x_MxD, w.gate_ExDxF, group_sizes_E, backend)
   u = gmm.grouped_matmul(x_MxD, w.up_ExDxF, group_sizes_E, backend)
   return gmm.grouped_matmul(jax.nn.silu(g) * u, w.down_ExFxD, group_sizes_E, backend)

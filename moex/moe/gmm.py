@@ -8,6 +8,10 @@ Backends behind `grouped_matmul(..., backend=)`:
   at most one partial tile per group). Static shapes: ceil(M / tile) + E tiles.
 - "chunked": for CPU. Per-expert loops over fixed-size row chunks; the weight is read once
   per expert and only owned chunks run (custom VJP; see below).
+- "blocked": for CPU. Each expert's first C = M // E rows (the mean load) go into blocks
+  [E, C, D] multiplied by one batched einsum, which XLA:CPU spreads over every core; the
+  rows past C (an expert above the mean) run through the "chunked" loops. Executed rows:
+  E * C plus the overflow rounded up to chunks; with balanced routing nearly M.
 - "megablox": the Pallas TPU grouped-matmul kernel (`jax.experimental.pallas.ops.tpu.
   megablox`, with its own gmm/tgmm backward). Runs in Pallas interpret mode off TPU (slow;
   for tests).
@@ -121,6 +125,9 @@ def grouped_matmul(x_MxD: jax.Array, w_ExDxF: jax.Array, group_sizes_E: jax.Arra
   if backend == "chunked":
     return chunked_gmm(x_MxD, w_ExDxF, group_sizes_E,
                        default_chunk(x_MxD.shape[0], w_ExDxF.shape[0]))
+  if backend == "blocked":
+    layout = BlockedLayout(group_sizes_E, x_MxD.shape[0])
+    return layout.matmul(x_MxD, layout.to_blocks(x_MxD), w_ExDxF, layout.from_blocks)
   raise ValueError(f"moe.grouped_matmul: unknown backend {backend!r}")
 
 
@@ -153,12 +160,15 @@ def _bounds(group_sizes_E):
   return ends_E - group_sizes_E, ends_E
 
 
-def _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, transpose_w: bool = False):
-  """out[m] = x[m] @ w[g(m)] (or w[g(m)].T). Chunks may run past their group's end into
-  the next group's rows; groups are processed in order, so the owner writes last."""
+def _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, transpose_w: bool = False,
+                 skip: int = 0):
+  """out[m] = x[m] @ w[g(m)] (or w[g(m)].T), for all but the first `skip` rows of each group
+  (those rows are 0). Chunks may run past their group's end into the next group's rows;
+  groups are processed in order, so the owner writes last."""
   m, d = x_MxD.shape
   f = w_ExDxF.shape[1] if transpose_w else w_ExDxF.shape[2]
-  starts_E, _ = _bounds(group_sizes_E)
+  starts_E, ends_E = _bounds(group_sizes_E)
+  starts_E = jnp.minimum(starts_E + skip, ends_E)
   x_pad = jnp.concatenate([x_MxD, jnp.zeros((chunk, d), x_MxD.dtype)])
   out = zeros_like_inputs((m + chunk, f), x_MxD.dtype, x_MxD, w_ExDxF, group_sizes_E)
 
@@ -170,16 +180,29 @@ def _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, transpose_w: bool = 
       x_c = jax.lax.dynamic_slice(x_pad, (r, 0), (chunk, d))
       return jax.lax.dynamic_update_slice(out, (x_c @ w_e).astype(out.dtype), (r, 0))
 
-    return jax.lax.fori_loop(0, (group_sizes_E[e] + chunk - 1) // chunk, per_chunk, out)
+    return jax.lax.fori_loop(0, (ends_E[e] - starts_E[e] + chunk - 1) // chunk, per_chunk, out)
 
-  return jax.lax.fori_loop(0, w_ExDxF.shape[0], per_group, out)[:m]
+  out = jax.lax.fori_loop(0, w_ExDxF.shape[0], per_group, out)[:m]
+  if skip:  # a chunk past its group's end wrote into the next group's skipped rows
+    out = jnp.where(_in_tail(starts_E, ends_E, m)[:, None], out, 0)
+  return out
 
 
-def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int):
-  """dw[g] = x[rows of g].T @ dy[rows of g]: [E, D, F]."""
+def _in_tail(starts_E, ends_E, num_rows: int) -> jax.Array:
+  """Whether each row lies in [starts_E[g], ends_E[g]) of its own group g: [M] bool."""
+  row_M = jnp.arange(num_rows, dtype=jnp.int32)
+  group_M = jnp.minimum(jnp.searchsorted(ends_E, row_M, side="right"), ends_E.shape[0] - 1)
+  return (row_M >= starts_E[group_M]) & (row_M < ends_E[group_M])
+
+
+def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int, skip: int = 0):
+  """dw[g] = x[rows of g].T @ dy[rows of g], the first `skip` rows of each group left out:
+  [E, D, F]."""
   m, d = x_MxD.shape
   f = dy_MxF.shape[1]
   starts_E, ends_E = _bounds(group_sizes_E)
+  starts_E = jnp.minimum(starts_E + skip, ends_E)
+  group_sizes_E = ends_E - starts_E
   x_pad = jnp.concatenate([x_MxD, jnp.zeros((chunk, d), x_MxD.dtype)])
   dy_pad = jnp.concatenate([dy_MxF, jnp.zeros((chunk, f), dy_MxF.dtype)])
   rows_P = jnp.arange(chunk)
@@ -202,23 +225,83 @@ def _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, num_groups: int, chunk: int):
                                              dy_MxF, group_sizes_E))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int):
-  return _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, skip: int = 0):
+  """out[m] = x[m] @ w[group of m]; rows among the first `skip` of their group are 0."""
+  return _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk, skip=skip)
 
 
-def _chunked_fwd(x_MxD, w_ExDxF, group_sizes_E, chunk):
-  return _chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk), (x_MxD, w_ExDxF, group_sizes_E)
+def _chunked_fwd(x_MxD, w_ExDxF, group_sizes_E, chunk, skip):
+  return (_chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk, skip=skip),
+          (x_MxD, w_ExDxF, group_sizes_E))
 
 
-def _chunked_bwd(chunk, res, dy_MxF):
+def _chunked_bwd(chunk, skip, res, dy_MxF):
   x_MxD, w_ExDxF, group_sizes_E = res
-  dx = _chunked_gmm(dy_MxF, w_ExDxF, group_sizes_E, chunk, transpose_w=True)
-  dw = _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, w_ExDxF.shape[0], chunk)
+  dx = _chunked_gmm(dy_MxF, w_ExDxF, group_sizes_E, chunk, transpose_w=True, skip=skip)
+  dw = _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, w_ExDxF.shape[0], chunk, skip=skip)
   return (permute.like_primal(dx, x_MxD), permute.like_primal(dw.astype(w_ExDxF.dtype), w_ExDxF), None)
 
 
 chunked_gmm.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ---------------------------------------------------------------------------------------
+# "blocked": the mean load of every expert as one batched einsum, the rest chunked.
+
+
+class BlockedLayout:
+  """Blocks [E, C, D] holding each group's first C = M // E rows, and the way back.
+
+  Block row (e, j) is sorted row start_e + j when j < size_e, else zero. Rows moved with
+  permute.take_rows both ways, so the backward passes are gathers too.
+  """
+
+  def __init__(self, group_sizes_E: jax.Array, num_rows: int):
+    e = group_sizes_E.shape[0]
+    m = num_rows
+    self.num_groups, self.num_rows = e, m
+    self.capacity = c = max(m // e, 1)
+    self.group_sizes_E = group_sizes_E
+    self.chunk = default_chunk(m, e)
+    starts_E, _ = _bounds(group_sizes_E)
+    j_C = jnp.arange(c, dtype=jnp.int32)
+    # Block row -> sorted row (m = none): [E * C].
+    self.src_R = jnp.where(j_C < group_sizes_E[:, None], starts_E[:, None] + j_C,
+                           m).reshape(e * c).astype(jnp.int32)
+    row_M = jnp.arange(m, dtype=jnp.int32)
+    group_M = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes_E), row_M, side="right"),
+                          e - 1).astype(jnp.int32)
+    j_M = row_M - starts_E[group_M]
+    # Sorted row -> block row (E * C = none: an overflow row).
+    self.dst_M = jnp.where(j_M < c, group_M * c + j_M, e * c).astype(jnp.int32)
+
+  def to_blocks(self, x_MxD: jax.Array) -> jax.Array:
+    return permute.take_rows(x_MxD, self.src_R, self.dst_M[:, None]).reshape(
+        self.num_groups, self.capacity, x_MxD.shape[-1])
+
+  def from_blocks(self, y_ExCxF: jax.Array) -> jax.Array:
+    """Block rows back to sorted rows [M, F]; overflow rows are 0."""
+    return permute.take_rows(y_ExCxF.reshape(-1, y_ExCxF.shape[-1]), self.dst_M,
+                             self.src_R[:, None])
+
+  def overflow(self, x_MxD: jax.Array, w_ExDxF: jax.Array) -> jax.Array:
+    """The rows past each group's first C times their group's weight (others 0): [M, F]."""
+    return chunked_gmm(x_MxD, w_ExDxF, self.group_sizes_E, self.chunk, self.capacity)
+
+  def matmul(self, x_MxD: jax.Array, x_ExCxD: jax.Array, w_ExDxF: jax.Array,
+             back=None) -> jax.Array:
+    """x @ w[group] for every row: blocks by einsum, overflow by chunks. Returns the blocks'
+    result [E, C, F] and the overflow's [M, F] summed into sorted rows when `back` (e.g.
+    from_blocks) is given, else the pair."""
+    y_ExCxF = jnp.einsum("ecd,edf->ecf", x_ExCxD, w_ExDxF)
+    y_MxF = self.overflow(x_MxD, w_ExDxF)
+    return (y_ExCxF, y_MxF) if back is None else back(y_ExCxF) + y_MxF
+
+  def executed_rows(self) -> jax.Array:
+    """Rows multiplied: the blocks' E * C plus the overflow in whole chunks."""
+    over_E = jnp.maximum(self.group_sizes_E - self.capacity, 0)
+    return self.num_groups * self.capacity + chunked_executed_rows(over_E, self.chunk)
 
 
 def chunked_executed_rows(group_sizes_E, chunk: int) -> jax.Array:

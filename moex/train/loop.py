@@ -26,7 +26,7 @@ from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.moe import dispatch as moe_dispatch, stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
-from moex.train import checkpoint, flops, init_from, optimizer, state as state_lib
+from moex.train import checkpoint, flops, init_from, optimizer, profiler, state as state_lib
 from moex.train import step as step_lib
 from moex.train import workdir as workdir_lib, writers
 
@@ -195,6 +195,7 @@ class _Runner:
     self.cfg, self.mesh, self.model, self.data = cfg, mesh, model, data
     self.lr_schedule, self.ckpt = lr_schedule, ckpt
     self.writer = writers.Writer(workdir, resume_step=latest)
+    self.workdir = workdir
     self.batch_sh = sharding.batch_sharding(cfg.mesh.rules, mesh)
     self.expert_ranks = sharding.split_size("expert", cfg.mesh.rules, mesh)
     self.mfu = flops.MFU(cfg, mesh.devices.size)
@@ -293,9 +294,11 @@ class _Runner:
     t_start = t_window = t_progress = time.time()
     start_step, window_start = step, step
     self.finite_at = step  # The last step whose whole state was checked finite.
-    with _handle_signals(flag):
+    prof = profiler.StepProfiler(cfg, self.workdir)
+    with _handle_signals(flag), contextlib.closing(prof):
       while step < total and flag.signal is None:
-        state, acc = self.train_step(state, acc, self._tokens(next(self.data.train_iter)))
+        with prof.step(step + 1, lambda: state["step"]):
+          state, acc = self.train_step(state, acc, self._tokens(next(self.data.train_iter)))
         step += 1
         last = step == total
         now = time.time()
