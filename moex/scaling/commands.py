@@ -105,8 +105,13 @@ def heldout(fits: dict[str, fit_lib.Fit], joint: fit_lib.Fit | None,
 
 def multipliers(fits: dict[str, fit_lib.Fit], joint: fit_lib.Fit | None,
                 held: dict[str, RunPoint]) -> dict[str, dict]:
-  """Per MoE family: dense compute reaching its loss, over its compute (6 N D), at its held-
-  out (or largest) run's compute: on both fitted frontiers, and for the measured loss."""
+  """Per MoE family, at its held-out (or largest) run: the effective compute multiplier,
+  dense compute reaching the MoE's loss over the MoE's compute (6 N D).
+
+  family_laws / joint_law: both families on their fitted compute-optimal frontiers.
+  same_size: from the run's measured loss, against the dense law at the run's own active
+  parameters (the ladder's pairing: equal active widths): the tokens a dense model of that
+  size needs to reach the loss, over the run's tokens."""
   dense = fits.get("dense")
   if dense is None:
     return {}
@@ -116,9 +121,10 @@ def multipliers(fits: dict[str, fit_lib.Fit], joint: fit_lib.Fit | None,
       continue
     ref = held.get(name) or max(f.runs, key=lambda r: r.flops)
     c = 6 * ref.n_active * ref.tokens
-    row = {"flops_6nd": c,
+    row = {"run": ref.workdir, "flops_6nd": c,
            "family_laws": plan.compute_multiplier(dense.law, f.law, c),
-           "measured_loss": plan.flops_for_loss(dense.law, ref.loss) / c}
+           "same_size": plan.tokens_for_loss(dense.law, ref.n_active, ref.loss, 1.0, 1.0)
+           / ref.tokens}
     if joint is not None:
       row["joint_law"] = plan.compute_multiplier(joint.law, joint.law, c, 1.0, ref.expansion)
     out[name] = row
@@ -155,8 +161,9 @@ def markdown(result: dict) -> str:
     joint = f", joint law {row['joint_law']:.2f}x" if "joint_law" in row else ""
     lines.append(f"Effective compute multiplier of {name} over dense at C = "
                  f"{row['flops_6nd']:.3g} (dense compute reaching its loss / its compute): "
-                 f"family laws {row['family_laws']:.2f}x{joint}, its measured loss "
-                 f"{row['measured_loss']:.2f}x.")
+                 f"compute-optimal frontiers of the family laws {row['family_laws']:.2f}x"
+                 f"{joint}; {os.path.basename(row['run'])}'s measured loss against a dense "
+                 f"model of its active size (dense law) {row['same_size']:.2f}x.")
   return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 
 import ml_collections
@@ -73,12 +74,12 @@ def point(workdir: str) -> RunPoint | None:
   """The run in `workdir` as a RunPoint; None when it has not finished."""
   from moex.train import flops  # imports jax: only when reading runs
 
-  run = read.load_run(workdir)
   try:
-    cfg = config_lib.validate(ml_collections.ConfigDict(run.config))
-  except config_lib.ConfigError as e:
+    with open(os.path.join(workdir, "config.json")) as f:
+      cfg = config_lib.validate(ml_collections.ConfigDict(json.load(f)))
+  except (OSError, ValueError) as e:  # ConfigError is a ValueError
     raise ScalingError(f"{workdir}/config.json: {e}") from None
-  loss = final_eval(run.metrics, cfg.train.steps)
+  loss = final_eval(read.read_jsonl(os.path.join(workdir, "metrics.jsonl")), cfg.train.steps)
   if loss is None:
     return None
   counts = flops.param_counts(cfg)
