@@ -1,11 +1,11 @@
 """Reference experiment 5: a scaling ladder, dense and MoE, for `python -m moex.scaling fit`.
 
-Four model sizes (d_model 32, 48, 64, 96; 2-4 layers; head width 16) x three token budgets
+Four model sizes (d_model 32, 48, 64, 96; 2-4 layers; head width 16) x four token budgets
 (TOKEN_STEPS steps of 16 x 128 bytes), each as a dense decoder (every FFN a SwiGLU of width
 4 x d_model) and as an MoE with 8 experts of width 2 x d_model, top-2 (equal active FFN
 width: K x d_expert = d_ff), dropless. Variants are named FAMILY_SIZE_STEPS, e.g.
 "moe_s2_250". Every run has its own cosine schedule over its own length (Chinchilla's
-protocol: one run per point, not snapshots of one long run). One command runs all 24
+protocol: one run per point, not snapshots of one long run). One command runs all 32
 (resumes after an interruption), then the fit holds out each family's largest-compute run:
 
   python -m moex.sweep --config=experiments/ladder.py --root=workdirs/ladder --bench_steps=0 \
@@ -23,7 +23,7 @@ import ml_collections
 from experiments import tiny
 
 SIZES = ((32, 2), (48, 3), (64, 3), (96, 4))  # (d_model, num_layers) per size index
-TOKEN_STEPS = (64, 125, 250)  # train.steps per budget: 0.13M, 0.26M, 0.51M tokens
+TOKEN_STEPS = (64, 125, 250, 500)  # train.steps per budget: 0.13M to 1.02M tokens
 FAMILIES = ("dense", "moe")
 VARIANTS = tuple(f"{f}_s{i}_{s}" for s in TOKEN_STEPS for i in range(len(SIZES))
                  for f in FAMILIES)  # cheapest budgets first, families side by side

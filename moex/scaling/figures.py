@@ -69,21 +69,22 @@ def isoflop(fits: dict[str, Fit], levels: int, out: str) -> str:
   for ax, (name, f) in zip(axes, fits.items()):
     e = f.runs[0].expansion
     c_R = np.array([6 * r.n_active * r.tokens for r in f.runs])
-    c_C = np.geomspace(c_R.min(), c_R.max() * 4, levels)
-    n_N = np.geomspace(min(r.n_active for r in f.runs) / 4, max(r.n_active for r in f.runs) * 4,
-                       80)
+    c_C = np.geomspace(c_R.min(), c_R.max(), levels)
+    optima = [plan.optimum_at(f.law, c, e, 1.0) for c in c_C]
+    n_N = np.geomspace(min([r.n_active for r in f.runs] + [b.n_active for b in optima]) / 2,
+                       max(r.n_active for r in f.runs) * 4, 80)
     norm = matplotlib.colors.LogNorm(c_C.min(), c_C.max())
-    for c in c_C:
+    for c, best in zip(c_C, optima):
       ax.plot(n_N, f.law.loss(n_N, c / (6 * n_N), e), color=cmap(norm(c)), lw=1)
-      best = plan.optimum_at(f.law, c, e, 1.0)
       ax.scatter([best.n_active], [best.loss], marker="*", s=80, color=cmap(norm(c)),
                  edgecolors="black", lw=0.5, zorder=3)
     ax.scatter([r.n_active for r in f.runs], [r.loss for r in f.runs], c=c_R, cmap=cmap,
                norm=norm, s=18, edgecolors="black", lw=0.3, zorder=4)
-    top = max(r.loss for r in f.runs) * 1.15
+    losses = [r.loss for r in f.runs] + [b.loss for b in optima]
     ax.set(xscale="log", xlabel="active parameters N", ylabel="loss (nats)",
-           ylim=(min(r.loss for r in f.runs) * 0.9, top),
-           title=f"{name}: isoFLOP curves (C = {c_C.min():.1e} .. {c_C.max():.1e}), * optima")
+           ylim=(min(losses) * 0.95, max(losses) * 1.1),
+           title=f"{name}: fitted loss at 6 N D = C ({c_C.min():.1e} .. {c_C.max():.1e}); "
+           "* optima, dots runs")
     ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
   return _save(fig, out)

@@ -24,7 +24,7 @@ from moex.scaling.runs import ScalingError
 EXPERTS = (1, 2, 4, 8, 16, 32, 64)  # expansion E candidates of the joint law
 GRANULARITIES = (1, 2, 4, 8, 16, 32, 64)  # G candidates of Krajewski et al.'s law
 FFN_SHARE = 2 / 3  # of a transformer's active parameters: FFN 8 d^2 of 12 d^2 per block
-LOG_N = (math.log(1e5), math.log(1e14))  # the search range of active parameters
+LOG_N = (math.log(1e3), math.log(1e15))  # the search range of active parameters
 
 
 @dataclasses.dataclass(frozen=True)
