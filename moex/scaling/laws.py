@@ -12,7 +12,7 @@ expert width). Sources (shared/REFERENCES.md lists the same numbers):
   krajewski     Krajewski et al. 2024 (arXiv 2402.07871), E = 64:
                 L = c + (g/G^gamma + a)/N^alpha + b/D^beta with N the total parameters;
                 FLOPs per token per block 12 d^2 c_f + d E G c_r (c_f 6, c_r 14) with
-                d_model = 64 n_blocks (their Section 5's accounting, see krajewski_flops).
+                d_model = 64 n_blocks (their compute-optimal tables' accounting, krajewski_flops).
   ludziejewski  Ludziejewski et al. 2025 (arXiv 2502.05172):
                 L = a Ê^delta N^(alpha + gamma ln Ê) + b Ê^omega D^(beta + zeta ln Ê) + c,
                 Ê from E by Clark et al.'s saturation; C = 6 N_act D.
@@ -24,7 +24,6 @@ over families with different E, and the same FLOPs convention C = 6 N D.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -89,7 +88,7 @@ def ludziejewski_loss(c: dict[str, float], n, d, e):
   return first + second + c["c"]
 
 
-# Krajewski et al.'s FLOPs accounting (their Section 5): per token per block
+# Krajewski et al.'s FLOPs accounting (their compute-optimal section): per token per block
 # 12 d^2 c_f (attention 4 d^2 + the active FFN 8 d^2, c_f = 6 FLOPs per weight for forward
 # and backward) + d E G c_r (the router, c_r = 14), with d_model = 64 n_blocks.
 KRAJEWSKI_CF, KRAJEWSKI_CR, KRAJEWSKI_ASPECT = 6.0, 14.0, 64.0
@@ -128,7 +127,7 @@ PUBLISHED = {
         "krajewski", "krajewski",
         {"a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147, "g": 2.1, "gamma": 0.58,
          "c": 0.47},
-        "Krajewski et al. 2024, arXiv 2402.07871, E = 64 fit (Section 4)",
+        "Krajewski et al. 2024, arXiv 2402.07871, the E = 64 fit",
         {"e": (64.0, 64.0)}),
     "ludziejewski": Law(
         "ludziejewski", "ludziejewski",
@@ -138,6 +137,7 @@ PUBLISHED = {
         "Ludziejewski et al. 2025, arXiv 2502.05172 (joint MoE law, Clark et al.'s Ê)",
         {"n": (0.0, 2.7e9)}),  # "up to 2.7B active parameters"
 }
+
 
 def printed_half_unit(value: float) -> float:
   """Half a unit in the last digit `value` is printed with (REFERENCES.md, the papers): the

@@ -107,6 +107,7 @@ def render(s: dict, steps: int, batch_size: int, seq_len: int, vocab_size: int,
       lines.append(f"  c.moe.{k} = {s[k]}")
     lines.append('  c.moe.dispatch = "dropless"')
   lines += [f"  c.data.seq_len = {seq_len}", f"  c.data.batch_size = {batch_size}",
-            f"  c.train.steps = {steps}", f"  c.opt.warmup_steps = {min(2000, max(1, steps // 20))}",
+            f"  c.train.steps = {steps}",
+            f"  c.opt.warmup_steps = {min(2000, max(1, steps // 20))}",
             "  return c", ""]
   return "\n".join(lines)
