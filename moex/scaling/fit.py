@@ -5,8 +5,8 @@ minimize sum_i Huber_delta(LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i
 delta = 1e-3, by L-BFGS from every point of a grid of starts (alpha, beta in {0, 0.5, ..., 2},
 e in {-1, -0.5, ..., 1}, a, b in {0, 5, ..., 25}), keeping the best; A = exp(a), B = exp(b),
 E = exp(e). By default the whole grid is evaluated at once and L-BFGS runs from its 100 best
-points (fit's `keep`; 0 = from all 4,500, as the papers). Both laws here are a log-sum-exp of terms linear in their parameters, so one
-engine (lse_fit) fits either:
+points (fit's `keep`; 0 = from all 4,500, as the papers). Both laws here are a
+log-sum-exp of terms linear in their parameters, so one engine (lse_fit) fits either:
 
   chinchilla    terms [a - alpha log N], [b - beta log D], [e]
   ludziejewski  [log a + delta lnÊ + (alpha + gamma lnÊ) log N],
