@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.seq_len = 256  # Tokens per training sequence L.
   d.batch_size = 16  # Global batch B, in sequences; divisible by the process count.
   d.eval_batches = 8  # Validation batches per evaluation (the same ones every time).
+  # Packed batches only (those carrying segment_ids: several documents per row, padding);
+  # batches without them are one causal stream per row and ignore both:
+  d.document_mask = True  # Attention stays inside each document (no token sees another).
+  d.document_positions = True  # RoPE positions restart at 0 at each document's start.
 
   c.opt = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-3  # Peak learning rate of AdamW.

@@ -132,6 +132,10 @@ class DataConfig:
   seq_len: int
   batch_size: int
   eval_batches: int
+  # Packed batches (those carrying segment_ids; WORKSPACE.md "Document masks"): attention
+  # only inside a document piece, and RoPE positions restarting per piece.
+  document_mask: bool = True
+  document_positions: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +319,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   _check(0 < data.val_fraction < 1, "data.val_fraction",
          f"must be in (0, 1), got {data.val_fraction!r}")
   _check(bool(data.source.strip()), "data.source", "must name 'stdlib' or files")
+  for name in ("document_mask", "document_positions"):
+    _check(isinstance(getattr(data, name), bool), f"data.{name}",
+           f"must be True or False, got {getattr(data, name)!r}")
 
   _positive("opt", opt, "learning_rate", "eps")
   _check(opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")

@@ -101,13 +101,24 @@ class Experts(NamedTuple):
   gathered: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
 
+# The slot of a padding assignment: past any capacity, so it is never kept.
+NO_SLOT = jnp.iinfo(jnp.int32).max
+
+
 def capacity_positions(expert_index_GxSxK: jax.Array, num_experts: int,
-                       priority_GxSxK: jax.Array | None = None) -> jax.Array:
+                       priority_GxSxK: jax.Array | None = None,
+                       valid_GxS: jax.Array | None = None) -> jax.Array:
   """Each assignment's slot in its expert's buffer, in priority order: [G, S, K] int32.
 
   First choices of all tokens come before any second choice. Within a choice, tokens go
   in position order, or by decreasing `priority` when it is given (stable for ties).
+  Padding (`valid_GxS` False) takes no slot: its assignments get NO_SLOT.
   """
+  if valid_GxS is not None:  # an out-of-range expert: its one-hot row is all zeros
+    slot_GxSxK = capacity_positions(
+        jnp.where(valid_GxS[..., None], expert_index_GxSxK, num_experts), num_experts,
+        priority_GxSxK)
+    return jnp.where(valid_GxS[..., None], slot_GxSxK, NO_SLOT)
   g, s, k = expert_index_GxSxK.shape
   index_GxKxS = expert_index_GxSxK.transpose(0, 2, 1)
   if priority_GxSxK is not None:
@@ -152,6 +163,13 @@ def _combine(y_TxKxD: jax.Array, weight_TxK: jax.Array) -> jax.Array:
   return jnp.einsum("tkd,tk->td", y_TxKxD, weight_TxK.astype(y_TxKxD.dtype))
 
 
+def _real(weight_GxSxK: jax.Array, routing: Routing) -> jax.Array:
+  """Combine weights with padding's set to zero (no routed output for padding)."""
+  if routing.valid_GxS is None:
+    return weight_GxSxK
+  return jnp.where(routing.valid_GxS[..., None], weight_GxSxK, 0.0)
+
+
 def renormalized(weight_GxSxK: jax.Array, kept_GxSxK: jax.Array) -> jax.Array:
   """Survivors rescaled so each token keeps its original total weight (0 if all dropped)."""
   kept_w = jnp.where(kept_GxSxK, weight_GxSxK, 0.0)
@@ -167,7 +185,8 @@ def capacity_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   e = routing.probs_GxSxE.shape[-1]
   t, c = g * s, plan.capacity
   priority_GxSxK = routing.combine_weight_GxSxK if plan.priority == "probability" else None
-  slot_GxSxK = capacity_positions(routing.expert_index_GxSxK, e, priority_GxSxK)
+  slot_GxSxK = capacity_positions(routing.expert_index_GxSxK, e, priority_GxSxK,
+                                  routing.valid_GxS)
   b = buffer_rows(routing.expert_index_GxSxK, slot_GxSxK, e, c)
   buf_RxD = permute.take_rows(x_GxSxD.reshape(t, d), b.token_R, b.row_TK.reshape(t, k))
   out_RxD = experts.buffered(buf_RxD.reshape(e, g * c, d)).reshape(e * g * c, d)
@@ -195,7 +214,7 @@ def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   out_MxD, kept_M = experts.grouped(rows_MxD, sizes_E)
   y_TKxD = permute.take_rows(out_MxD, inverse_M, order_M[:, None])
   kept_GxSxK = kept_M[inverse_M].reshape(g, s, k)
-  weight_GxSxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0)
+  weight_GxSxK = _real(jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0), routing)
   y_TxD = _combine(y_TKxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
   return y_TxD.reshape(g, s, d), kept_GxSxK
 
@@ -214,7 +233,7 @@ def gather_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   rows_MxD = permute.take_rows(x_GxSxD.reshape(t, d), token_M, inverse_TxK)
   out_MxD, kept_M = experts.gathered(rows_MxD, expert_M)
   kept_GxSxK = kept_M.reshape(g, s, k)
-  weight_GxSxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0)
+  weight_GxSxK = _real(jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0), routing)
   y_TxD = _combine(out_MxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
   return y_TxD.reshape(g, s, d), kept_GxSxK
 

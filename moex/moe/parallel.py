@@ -163,7 +163,8 @@ def axes(mesh, rules: sharding.Rules) -> Axes:
 
 
 def shard_moe(fn, mesh, args: tuple, returns_bias: bool):
-  """Runs `fn(router, bias, weights, x, tokens, rng, *, ax)` (moe_forward) under shard_map.
+  """Runs `fn(router, bias, weights, x, tokens, rng, valid, *, ax)` (moe_forward) under
+  shard_map (`valid` may be None).
 
   Specs come from each operand's logical axis names, keeping only SHARD_MAP_AXES.
   Returns fn's (y, stats, first choice, new bias or None).
@@ -176,7 +177,9 @@ def shard_moe(fn, mesh, args: tuple, returns_bias: bool):
   spec = lambda *names: sharding.logical_to_spec(names, moe_rules, mesh)
   w_spec = experts_lib.ExpertWeights(*(spec(*names) for names in experts_lib.LOGICAL_AXES))
   bias_spec = None if args[1] is None else P()
-  in_specs = (P(), bias_spec, w_spec, spec("batch", None, None), spec("batch", None), P())
+  valid_spec = None if args[6] is None else spec("batch", None)
+  in_specs = (P(), bias_spec, w_spec, spec("batch", None, None), spec("batch", None), P(),
+              valid_spec)
   out_specs = (spec("batch", None, None), P(), spec("batch", None),
                P() if returns_bias else None)
   return jax.shard_map(functools.partial(fn, ax=axes(mesh, rules)), mesh=mesh,
