@@ -11,13 +11,16 @@ train/eval and the sequence length; the same plan labels the statistics). `exper
 here knows about devices. Rows move with `permute.take_rows` (index gathers whose backward
 is a gather too), never with one-hot dispatch einsums, which cost as much as the experts.
 
-- capacity: each expert takes at most C assignments per group (sequence). All first
+- capacity: each expert takes at most C assignments per group (sequence; a packed row's
+  documents share it, and its padding takes no slot). All first
   choices are placed before any second choice; within a choice, by position (earlier
   tokens win) or by probability (batch-prioritized routing: higher weight wins). A dropped
   assignment contributes zero; the survivors keep their weights unless the plan says
   `renormalize` (rescale them to the token's original total). A token whose every choice
   is dropped gets zero from this block and passes through on the residual.
 - dropless: every assignment is computed: rows sorted by expert, then a grouped matmul.
+  Padding of packed rows (routing.valid_GxS False) sorts after every real row and belongs
+  to no group (the group sizes sum to the real rows): `experts.grouped` leaves it out.
 - gather: dropless for a call with few tokens (T*K < E: a decode step at small batch,
   chosen by `plan()` from that shape, evaluation only): each assignment's row is multiplied
   by its own expert's weights, so only the K chosen experts' weights per token are read,
@@ -94,7 +97,8 @@ class Experts(NamedTuple):
   # [E, R, D] -> [E, R, D]: every expert applied to its own R buffer rows.
   buffered: Callable[[jax.Array], jax.Array]
   # (rows [M, D] sorted by expert, group sizes [E]) -> (out [M, D], kept [M]): kept is False
-  # for rows that were not computed (the bounded expert-parallel buffer overflowed).
+  # for rows that were not computed (the bounded expert-parallel buffer overflowed). Rows
+  # past sum(sizes) (padding) are in no group: not computed, output zero.
   grouped: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
   # (rows [M, D] in any order, each row's expert [M]) -> (out [M, D], kept [M]): reads only
   # the weights of the experts named (on one device; see moex/moe/parallel.py).
@@ -207,6 +211,8 @@ def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   e = routing.probs_GxSxE.shape[-1]
   t = g * s
   expert_M = routing.expert_index_GxSxK.reshape(t * k)  # M = T*K assignments, token-major.
+  if routing.valid_GxS is not None:  # padding sorts last, in no group: never computed
+    expert_M = jnp.where(jnp.repeat(routing.valid_GxS.reshape(t), k), expert_M, e)
   order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)  # sorted pos -> assignment
   inverse_M = jnp.argsort(order_M).astype(jnp.int32)  # assignment -> sorted pos
   rows_MxD = permute.take_rows(x_GxSxD.reshape(t, d), order_M // k, inverse_M.reshape(t, k))

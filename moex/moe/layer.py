@@ -2,9 +2,11 @@
 
 Capacity is per group, and a group is one sequence: C = max(ceil(cf * L * K / E),
 moe.min_capacity) (moex.config.capacity). Groups never span devices, so drops do not depend
-on the mesh. Shared experts (DeepSeek) are one always-on SwiGLU of width
-num_shared_experts * d_shared added to the routed output (the same function as that many
-separate experts summed).
+on the mesh. A packed row (segment ids) is one group: its documents share C, and its
+padding (`valid_BxL` False) takes no slot, gets no routed output and counts in no
+statistic or balancing term (C stays the full row's). Shared experts (DeepSeek) are one
+always-on SwiGLU of width num_shared_experts * d_shared added to the routed output (the
+same function as that many separate experts summed).
 
 Each call decides its `dispatch.Plan` once (path, capacity factor, capacity) from the MoE
 config, train/eval and the sequence length; the dispatch path is looked up in

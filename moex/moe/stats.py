@@ -11,6 +11,9 @@ lines, labelled with the same `dispatch.Plan` the layer ran with.
 To add a statistic: compute its (psummed) sum in `layer_stats`, turn it into a field in
 `records` (and document it below and in WORKSPACE.md); see "Adding a statistic" there.
 
+Padding of packed rows is in no statistic: every count and sum is over real tokens
+(`tokens` included); the per-sequence quantities keep the row's length S as their unit.
+
 Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
   step, split, layer, tokens, num_experts, top_k, dispatch (the path: capacity, dropless,
   expert_choice), capacity (per expert and sequence; null when dropless), capacity_factor
