@@ -63,10 +63,11 @@ def run(cfg: config_lib.Config, devices, batch: dict, train: bool) -> dict:
     fwd = jax.jit(lambda p, bf, bt: step_lib.forward(
         model.graphdef, p, bf, bt, train=train, rng=jax.random.PRNGKey(1), data=cfg.data))
     logits, _, _, moe, _ = fwd(state["params"], state["buffers"], batch)
-    core, _ = step_lib.make_train_step(cfg, model.graphdef, tx)
-    _, metrics = jax.jit(core)(state, batch)
-  return {"logits": np.asarray(logits), "moe": jax.device_get(moe),
-          "loss": float(metrics["scalars"]["loss"])}
+    # The training loss (weighted cross-entropy and balancing terms, psummed over the mesh).
+    loss = jax.jit(lambda p, bf, bt: step_lib.loss_fn(
+        p, bf, bt, jax.random.PRNGKey(1), graphdef=model.graphdef, cfg=cfg)[0])(
+            state["params"], state["buffers"], batch)
+  return {"logits": np.asarray(logits), "moe": jax.device_get(moe), "loss": float(loss)}
 
 
 def main():
