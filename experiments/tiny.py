@@ -75,6 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # then unused (the split was chosen at preparation).
   d.prepared = ""
   d.mixture_weights = ""  # With several data.prepared: their token shares, e.g. "0.7,0.3".
+  # Packed batches only (those carrying segment_ids: several documents per row, padding);
+  # batches without them are one causal stream per row and ignore both:
+  d.document_mask = True  # Attention stays inside each document (no token sees another).
+  d.document_positions = True  # RoPE positions restart at 0 at each document's start.
 
   c.opt = o = ml_collections.ConfigDict()
   o.learning_rate = 3e-3  # Peak learning rate of AdamW.

@@ -137,6 +137,10 @@ class DataConfig:
   # one per directory, > 0; "" = equal) are their shares of the training tokens.
   prepared: str = ""
   mixture_weights: str = ""
+  # Packed batches (those carrying segment_ids; WORKSPACE.md "Document masks"): attention
+  # only inside a document piece, and RoPE positions restarting per piece.
+  document_mask: bool = True
+  document_positions: bool = True
 
   @property
   def prepared_dirs(self) -> tuple[str, ...]:
@@ -357,6 +361,9 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
          f"must be in (0, 1), got {data.val_fraction!r}")
   _check(bool(data.source.strip()), "data.source", "must name 'stdlib' or files")
   _check_prepared(data)
+  for name in ("document_mask", "document_positions"):
+    _check(isinstance(getattr(data, name), bool), f"data.{name}",
+           f"must be True or False, got {getattr(data, name)!r}")
 
   _positive("opt", opt, "learning_rate", "eps")
   _check(opt.warmup_steps >= 0, "opt.warmup_steps", "must be >= 0")

@@ -292,3 +292,17 @@ def test_every_float_must_be_finite(key, value):
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(_set(tiny.get_config(), key, value), vocab_size=259)
   assert str(e.value) == f"{key}: must be finite, got {value!r}"
+
+
+@pytest.mark.parametrize("key", ["document_mask", "document_positions"])
+def test_document_flags_are_bools_on_by_default(key):
+  cd = tiny.get_config()
+  assert getattr(config_lib.validate(cd, vocab_size=259).data, key) is True
+  with cd.unlocked():
+    del cd.data[key]
+  assert getattr(config_lib.validate(cd, vocab_size=259).data, key) is True  # old configs
+  with cd.unlocked():
+    cd.data[key] = "yes"
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cd, vocab_size=259)
+  assert str(e.value) == f"data.{key}: must be True or False, got 'yes'"

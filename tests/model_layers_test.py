@@ -79,3 +79,16 @@ def test_qk_norm_shapes():
   head = layers.Attention(_model_cfg("head"), nnx.Rngs(0))
   assert head.q_norm.scale_D.shape == (16,) and head.k_norm.scale_D.shape == (16,)
   assert layers.Attention(_model_cfg("none"), nnx.Rngs(0)).q_norm is None
+
+
+def test_segment_mask_by_hand():
+  """Causal within a document piece; padding (0) sees only earlier padding."""
+  seg = np.array([[1, 1, 2, 2, 0]], np.int32)
+  want = np.array([[1, 0, 0, 0, 0],
+                   [1, 1, 0, 0, 0],
+                   [0, 0, 1, 0, 0],
+                   [0, 0, 1, 1, 0],
+                   [0, 0, 0, 0, 1]], bool)
+  mask = np.asarray(layers.segment_mask(seg))
+  assert mask.shape == (1, 1, 5, 5)
+  np.testing.assert_array_equal(mask[0, 0], want)

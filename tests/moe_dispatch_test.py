@@ -342,3 +342,53 @@ def test_gather_equals_dropless_and_never_touches_other_experts(chunk_bytes, mon
   assert bool(jnp.all(kept))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert experts_lib._chunk_rows(d, f * 4) == (d if chunk_bytes > d * f * 4 else 3)
+
+
+# Padding of packed rows: the hand sequence above with a padding token (t1) in it.
+VALID_S = [True, False, True, True]
+
+
+def test_padding_takes_no_capacity_slot():
+  """Slots are counted over real tokens only: with t1 padding, t2's first choice takes the
+  slot t1 had, and padding's assignments get NO_SLOT."""
+  slot = np.asarray(dispatch.capacity_positions(jnp.asarray([EXPERT_SxK], jnp.int32), 2,
+                                                valid_GxS=jnp.asarray([VALID_S])))
+  real = np.asarray(VALID_S)
+  compact = dispatch.capacity_positions(
+      jnp.asarray([[e for e, v in zip(EXPERT_SxK, VALID_S) if v]], jnp.int32), 2)
+  np.testing.assert_array_equal(slot[0][real], np.asarray(compact)[0])
+  assert (slot[0][~real] == dispatch.NO_SLOT).all()
+  for policy in ("position", "probability"):
+    r = _routing([EXPERT_SxK], [WEIGHT_SxK], 2)._replace(valid_GxS=jnp.asarray([VALID_S]))
+    y, kept = capacity_dispatch(_x(1, 4, 3), r, 2, _scale_experts(SCALE_E), policy)
+    assert not np.asarray(kept)[0, 1].any()  # padding is never kept
+    np.testing.assert_array_equal(y[0, 1], np.zeros(3, np.float32))  # nor gets output
+
+
+def test_dropless_leaves_padding_out_of_the_groups():
+  """The grouped matmul sees group sizes that add up to the real rows only (padding sorts
+  last, in no group), and padding gets no routed output."""
+  x = _x(1, 4, 3)
+  r = _routing([EXPERT_SxK], [WEIGHT_SxK], 2)._replace(valid_GxS=jnp.asarray([VALID_S]))
+
+  @jax.jit
+  def run(x):
+    seen = {}
+
+    def grouped(rows_MxD, sizes_E):
+      seen["sizes"] = sizes_E
+      return rows_MxD * jnp.repeat(jnp.asarray(SCALE_E), sizes_E, total_repeat_length=8)[
+          :, None] * (jnp.arange(8) < jnp.sum(sizes_E))[:, None]
+
+    y, _ = dispatch.dropless_dispatch(x, r, _plan("dropless"),
+                                      dispatch.Experts(None, _grouped(grouped)))
+    return y, seen["sizes"]
+
+  y, sizes = run(x)
+  np.testing.assert_array_equal(sizes, [3, 3])  # 3 real tokens x K=2, one per expert each
+  np.testing.assert_array_equal(y[0, 1], np.zeros(3, np.float32))
+  full, _ = dropless_dispatch(x, _routing([EXPERT_SxK], [WEIGHT_SxK], 2),
+                              lambda rows, sizes: rows * jnp.repeat(
+                                  jnp.asarray(SCALE_E), sizes, total_repeat_length=8)[:, None])
+  real = np.asarray(VALID_S)
+  np.testing.assert_allclose(y[0][real], np.asarray(full)[0][real], rtol=1e-6)

@@ -152,3 +152,26 @@ def test_chunked_any_chunk_matches_numpy(chunk):
 def test_chunked_executed_rows_bound():
   sizes = jnp.array([0, 5, 16, 17], jnp.int32)
   assert int(gmm.chunked_executed_rows(sizes, 8)) == 0 + 8 + 16 + 24
+
+
+@pytest.mark.parametrize("backend", ["chunked", "blocked"])
+def test_rows_in_no_group_leave_the_real_rows_and_gradients_exact(backend):
+  # The dropless path sorts padding last, in no group: sizes add up to fewer than M rows.
+  sizes = [3, 0, 5, 2]
+  x, w, sizes_E = _inputs(sizes + [6], seed=4)  # 16 rows, the last 6 in no group
+  w, sizes_E = w[:4], sizes_E[:4]
+  real = sum(sizes)
+  ct = jnp.asarray(np.random.default_rng(5).normal(size=(x.shape[0], F)), jnp.float32)
+  ct = ct * (jnp.arange(x.shape[0]) < real)[:, None]  # padding's output is never used
+
+  def grads(backend):
+    loss = lambda x, w: jnp.sum(gmm.grouped_matmul(x, w, sizes_E, backend) * ct)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+  out = grouped_matmul(x, w, sizes_E, backend)
+  np.testing.assert_allclose(out[:real], _numpy_gmm(x[:real], w, sizes), rtol=1e-5, atol=1e-5)
+  if backend == "blocked":
+    np.testing.assert_array_equal(out[real:], np.zeros((x.shape[0] - real, F), np.float32))
+  (gx, gw), (gx_r, gw_r) = grads(backend), grads("ragged_dot")
+  np.testing.assert_allclose(gx, gx_r, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, gw_r, rtol=1e-5, atol=1e-5)

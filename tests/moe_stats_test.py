@@ -219,6 +219,11 @@ def test_routing_churn_on_hand_built_first_choices():
   np.testing.assert_allclose(stats.routing_churn(prev, prev), [0.0, 0.0])
   with pytest.raises(ValueError, match="probe shapes differ"):
     stats.routing_churn(prev, cur[:, :1])
+  # Padding of packed probe rows (first choice -1) is no probe token: layer 0 changes 1 of
+  # its 3 real tokens, layer 1 both of its 2.
+  prev_pad = np.array([[[0, 1], [2, -1]], [[1, -1], [1, -1]]])
+  cur_pad = np.array([[[0, 1], [3, -1]], [[0, -1], [3, -1]]])
+  np.testing.assert_allclose(stats.routing_churn(prev_pad, cur_pad), [1 / 3, 1.0])
 
 
 def test_records_routing_churn_field():

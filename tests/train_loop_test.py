@@ -54,7 +54,7 @@ def test_outputs_follow_their_contracts(tiny_config, tmp_path):
   assert not os.path.exists(os.path.join(workdir, "tokenizer"))  # "byte" has no files
   assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tensorboard")))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
-  assert result["final_eval"]["bits_per_byte"] < result["first_eval"]["bits_per_byte"]
+  assert result["final_eval"]["bits_per_byte"] < first["first_eval"]["bits_per_byte"]
 
   for r in _lines(workdir, "metrics.jsonl"):
     for k in ("step", "split", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
@@ -330,3 +330,34 @@ def test_profile_config_is_validated(tiny_config):
   tiny_config.train.profile_steps = -1
   with pytest.raises(config_lib.ConfigError, match="train.profile_steps"):
     config_lib.validate(tiny_config, vocab_size=259)
+
+
+def _packed_example(tokens_BxL1: np.ndarray) -> dict:
+  """Each row cut into two documents (tokens 0-9 and 10-24) and padding (25 on): the batch
+  contract's segment_ids and positions, padding tokens zeroed."""
+  b, l1 = tokens_BxL1.shape
+  seg = np.zeros((b, l1), np.int32)
+  seg[:, :10], seg[:, 10:25] = 1, 2
+  pos = np.where(seg == 1, np.arange(l1), np.arange(l1) - 10) * (seg != 0)
+  return {"tokens": np.where(seg != 0, tokens_BxL1, 0).astype(np.int32), "segment_ids": seg,
+          "positions": pos.astype(np.int32)}
+
+
+def test_packed_batches_train_end_to_end_and_count_real_tokens(tiny_config, tmp_path,
+                                                               monkeypatch):
+  """Batches carrying segment_ids compile into the loop's steps: MoE statistics count the
+  real tokens only (25 of each row's 32 inputs), and a resumed run continues."""
+  monkeypatch.setattr(pipeline, "_as_example", _packed_example)
+  workdir = str(tmp_path / "packed")
+  first = loop.train_and_evaluate(tiny_config, workdir, max_steps=3)
+  result = loop.train_and_evaluate(tiny_config, workdir)
+  assert first["step"] == 3 and result["step"] == 6
+  assert result["final_eval"]["bits_per_byte"] < first["first_eval"]["bits_per_byte"]
+  b = tiny_config.data.batch_size
+  for r in _lines(workdir, "moe_stats.jsonl"):
+    per_step = b * 25
+    assert r["tokens"] == (per_step * tiny_config.data.eval_batches if r["split"] == "eval"
+                           else per_step), r
+    assert r["dispatch"] == ("capacity" if r["split"] == "train" else "dropless")
+  assert all(r["tokens_per_sec"] > 0 for r in _lines(workdir, "metrics.jsonl"))
+  assert result["tokens_per_sec"] > 0

@@ -8,7 +8,7 @@ from flax import nnx
 
 from moex.config import ModelConfig, MoEConfig
 from moex.model import cache as kv_cache
-from moex.model.layers import Attention, Embed, RMSNorm, SwiGLU, normal, param
+from moex.model.layers import Attention, Embed, RMSNorm, SwiGLU, normal, param, segment_mask
 from moex.moe.layer import MoEBlock, MoEOutput
 
 
@@ -26,11 +26,16 @@ class Block(nnx.Module):
       self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg, rngs)
 
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array,
-               rng: jax.Array | None) -> tuple[jax.Array, MoEOutput | None]:
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+               rng: jax.Array | None, positions_BxL: jax.Array | None = None,
+               mask_Bx1xLxL: jax.Array | None = None, valid_BxL: jax.Array | None = None
+               ) -> tuple[jax.Array, MoEOutput | None]:
+    """`positions_BxL` (RoPE) and `mask_Bx1xLxL` (attention) as in Attention; `valid_BxL`
+    marks real tokens for the MoE layer (None: all are)."""
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL)
     h_BxLxD = self.ffn_norm(x_BxLxD)
     if self.is_moe:
-      y_BxLxD, moe = self.ffn(h_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=rng)
+      y_BxLxD, moe = self.ffn(h_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=rng,
+                              valid_BxL=valid_BxL)
     else:
       y_BxLxD, moe = self.ffn(h_BxLxD), None
     return x_BxLxD + y_BxLxD, moe
@@ -63,13 +68,30 @@ class Decoder(nnx.Module):
     self.unembed_DxV = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                              jnp.dtype(cfg.param_dtype), ("embed", "vocab"))
 
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool,
-               rng: jax.Array | None = None) -> tuple[jax.Array, MoEOutput | None]:
-    """`rng` drives router noise in training; None at eval (routing is then deterministic)."""
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool, rng: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None,
+               positions_BxL: jax.Array | None = None,
+               document_mask: bool = True) -> tuple[jax.Array, MoEOutput | None]:
+    """`rng` drives router noise in training; None at eval (routing is then deterministic).
+
+    Packed rows (WORKSPACE.md "Document masks"): `segment_ids_BxL` (0 = padding, k >= 1 the
+    k-th document piece) makes padding invisible to the MoE layers (no capacity slot, no
+    statistic, no balancing term) and, with `document_mask`, restricts attention to the
+    query's own piece; `positions_BxL` are the RoPE positions (None: 0..L-1). Without
+    segment ids the row is one causal stream.
+    """
     x_BxLxD = self.embed(tokens_BxL)
     moe_outputs = []
+    valid_BxL = mask_Bx1xLxL = None
+    if segment_ids_BxL is not None:  # built once here, shared by every block
+      valid_BxL = segment_ids_BxL != 0
+      if document_mask:
+        mask_Bx1xLxL = segment_mask(segment_ids_BxL)
+
     def run_block(block, x_BxLxD, layer_rng):
-      return block(x_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=layer_rng)
+      return block(x_BxLxD, train=train, tokens_BxL=tokens_BxL, rng=layer_rng,
+                   positions_BxL=positions_BxL, mask_Bx1xLxL=mask_Bx1xLxL,
+                   valid_BxL=valid_BxL)
 
     if self.remat != "none":  # recompute each block's activations in the backward pass
       policy = (None if self.remat == "full"

@@ -53,6 +53,17 @@ class RMSNorm(nnx.Module):
     return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
 
 
+def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """Causal attention within each document piece: [B, 1, L, L] bool, query i sees key j iff
+  j <= i and seg[i] == seg[j]. Real tokens (seg != 0) never see another piece or padding;
+  a padding token sees the padding before it (so no softmax row is empty; its output is
+  never used)."""
+  l = segment_ids_BxL.shape[-1]
+  causal_LxL = jnp.tril(jnp.ones((l, l), bool))
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return (same_BxLxL & causal_LxL)[:, None]
+
+
 def rotary(x_BxLxHxA: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Applies rotary position embeddings (the split-halves form of GPT-NeoX / Llama)."""
   a = x_BxLxHxA.shape[-1]
@@ -103,12 +114,18 @@ class Attention(nnx.Module):
     dt = out_BxLxHxA.dtype
     return jnp.einsum("blha,had->bld", out_BxLxHxA, self.o_HxAxD[...].astype(dt))
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Training and full-sequence evaluation: positions 0..L-1, causal."""
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None,
+               mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
+    """Training and full-sequence evaluation: RoPE at `positions_BxL` (None: 0..L-1);
+    attention causal, or as `mask_Bx1xLxL` allows (document_mask: causal within a document
+    piece, built once per forward pass by the decoder)."""
     b, l, _ = x_BxLxD.shape
-    pos_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
-    q, k, v = self._qkv(x_BxLxD, pos_BxL)
-    return self._out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    q, k, v = self._qkv(x_BxLxD, positions_BxL)
+    if mask_Bx1xLxL is None:
+      return self._out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+    return self._out(jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL))
 
   def cached(self, x_BxTxD: jax.Array, kv: kv_cache.LayerKV, at: kv_cache.Window
              ) -> tuple[jax.Array, kv_cache.LayerKV]:

@@ -11,13 +11,16 @@ train/eval and the sequence length; the same plan labels the statistics). `exper
 here knows about devices. Rows move with `permute.take_rows` (index gathers whose backward
 is a gather too), never with one-hot dispatch einsums, which cost as much as the experts.
 
-- capacity: each expert takes at most C assignments per group (sequence). All first
+- capacity: each expert takes at most C assignments per group (sequence; a packed row's
+  documents share it, and its padding takes no slot). All first
   choices are placed before any second choice; within a choice, by position (earlier
   tokens win) or by probability (batch-prioritized routing: higher weight wins). A dropped
   assignment contributes zero; the survivors keep their weights unless the plan says
   `renormalize` (rescale them to the token's original total). A token whose every choice
   is dropped gets zero from this block and passes through on the residual.
 - dropless: every assignment is computed: rows sorted by expert, then a grouped matmul.
+  Padding of packed rows (routing.valid_GxS False) sorts after every real row and belongs
+  to no group (the group sizes sum to the real rows): `experts.grouped` leaves it out.
 - gather: dropless for a call with few tokens (T*K < E: a decode step at small batch,
   chosen by `plan()` from that shape, evaluation only): each assignment's row is multiplied
   by its own expert's weights, so only the K chosen experts' weights per token are read,
@@ -94,20 +97,32 @@ class Experts(NamedTuple):
   # [E, R, D] -> [E, R, D]: every expert applied to its own R buffer rows.
   buffered: Callable[[jax.Array], jax.Array]
   # (rows [M, D] sorted by expert, group sizes [E]) -> (out [M, D], kept [M]): kept is False
-  # for rows that were not computed (the bounded expert-parallel buffer overflowed).
+  # for rows that were not computed (the bounded expert-parallel buffer overflowed). Rows
+  # past sum(sizes) (padding) are in no group: not computed, output zero.
   grouped: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
   # (rows [M, D] in any order, each row's expert [M]) -> (out [M, D], kept [M]): reads only
   # the weights of the experts named (on one device; see moex/moe/parallel.py).
   gathered: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
 
+# The slot of a padding assignment: past any capacity, so it is never kept.
+NO_SLOT = jnp.iinfo(jnp.int32).max
+
+
 def capacity_positions(expert_index_GxSxK: jax.Array, num_experts: int,
-                       priority_GxSxK: jax.Array | None = None) -> jax.Array:
+                       priority_GxSxK: jax.Array | None = None,
+                       valid_GxS: jax.Array | None = None) -> jax.Array:
   """Each assignment's slot in its expert's buffer, in priority order: [G, S, K] int32.
 
   First choices of all tokens come before any second choice. Within a choice, tokens go
   in position order, or by decreasing `priority` when it is given (stable for ties).
+  Padding (`valid_GxS` False) takes no slot: its assignments get NO_SLOT.
   """
+  if valid_GxS is not None:  # an out-of-range expert: its one-hot row is all zeros
+    slot_GxSxK = capacity_positions(
+        jnp.where(valid_GxS[..., None], expert_index_GxSxK, num_experts), num_experts,
+        priority_GxSxK)
+    return jnp.where(valid_GxS[..., None], slot_GxSxK, NO_SLOT)
   g, s, k = expert_index_GxSxK.shape
   index_GxKxS = expert_index_GxSxK.transpose(0, 2, 1)
   if priority_GxSxK is not None:
@@ -152,6 +167,13 @@ def _combine(y_TxKxD: jax.Array, weight_TxK: jax.Array) -> jax.Array:
   return jnp.einsum("tkd,tk->td", y_TxKxD, weight_TxK.astype(y_TxKxD.dtype))
 
 
+def _real(weight_GxSxK: jax.Array, routing: Routing) -> jax.Array:
+  """Combine weights with padding's set to zero (no routed output for padding)."""
+  if routing.valid_GxS is None:
+    return weight_GxSxK
+  return jnp.where(routing.valid_GxS[..., None], weight_GxSxK, 0.0)
+
+
 def renormalized(weight_GxSxK: jax.Array, kept_GxSxK: jax.Array) -> jax.Array:
   """Survivors rescaled so each token keeps its original total weight (0 if all dropped)."""
   kept_w = jnp.where(kept_GxSxK, weight_GxSxK, 0.0)
@@ -167,7 +189,8 @@ def capacity_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   e = routing.probs_GxSxE.shape[-1]
   t, c = g * s, plan.capacity
   priority_GxSxK = routing.combine_weight_GxSxK if plan.priority == "probability" else None
-  slot_GxSxK = capacity_positions(routing.expert_index_GxSxK, e, priority_GxSxK)
+  slot_GxSxK = capacity_positions(routing.expert_index_GxSxK, e, priority_GxSxK,
+                                  routing.valid_GxS)
   b = buffer_rows(routing.expert_index_GxSxK, slot_GxSxK, e, c)
   buf_RxD = permute.take_rows(x_GxSxD.reshape(t, d), b.token_R, b.row_TK.reshape(t, k))
   out_RxD = experts.buffered(buf_RxD.reshape(e, g * c, d)).reshape(e * g * c, d)
@@ -188,6 +211,8 @@ def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   e = routing.probs_GxSxE.shape[-1]
   t = g * s
   expert_M = routing.expert_index_GxSxK.reshape(t * k)  # M = T*K assignments, token-major.
+  if routing.valid_GxS is not None:  # padding sorts last, in no group: never computed
+    expert_M = jnp.where(jnp.repeat(routing.valid_GxS.reshape(t), k), expert_M, e)
   order_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)  # sorted pos -> assignment
   inverse_M = jnp.argsort(order_M).astype(jnp.int32)  # assignment -> sorted pos
   rows_MxD = permute.take_rows(x_GxSxD.reshape(t, d), order_M // k, inverse_M.reshape(t, k))
@@ -195,7 +220,7 @@ def dropless_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   out_MxD, kept_M = experts.grouped(rows_MxD, sizes_E)
   y_TKxD = permute.take_rows(out_MxD, inverse_M, order_M[:, None])
   kept_GxSxK = kept_M[inverse_M].reshape(g, s, k)
-  weight_GxSxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0)
+  weight_GxSxK = _real(jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0), routing)
   y_TxD = _combine(y_TKxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
   return y_TxD.reshape(g, s, d), kept_GxSxK
 
@@ -214,7 +239,7 @@ def gather_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
   rows_MxD = permute.take_rows(x_GxSxD.reshape(t, d), token_M, inverse_TxK)
   out_MxD, kept_M = experts.gathered(rows_MxD, expert_M)
   kept_GxSxK = kept_M.reshape(g, s, k)
-  weight_GxSxK = jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0)
+  weight_GxSxK = _real(jnp.where(kept_GxSxK, routing.combine_weight_GxSxK, 0.0), routing)
   y_TxD = _combine(out_MxD.reshape(t, k, d), weight_GxSxK.reshape(t, k))
   return y_TxD.reshape(g, s, d), kept_GxSxK
 

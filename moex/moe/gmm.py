@@ -273,8 +273,10 @@ class BlockedLayout:
     group_M = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes_E), row_M, side="right"),
                           e - 1).astype(jnp.int32)
     j_M = row_M - starts_E[group_M]
-    # Sorted row -> block row (E * C = none: an overflow row).
-    self.dst_M = jnp.where(j_M < c, group_M * c + j_M, e * c).astype(jnp.int32)
+    # Sorted row -> block row (E * C = none: an overflow row, or a row past every group:
+    # the dropless path sorts padding last, in no group).
+    owned_M = (j_M < c) & (row_M < jnp.sum(group_sizes_E))
+    self.dst_M = jnp.where(owned_M, group_M * c + j_M, e * c).astype(jnp.int32)
 
   def to_blocks(self, x_MxD: jax.Array) -> jax.Array:
     return permute.take_rows(x_MxD, self.src_R, self.dst_M[:, None]).reshape(

@@ -2,9 +2,11 @@
 
 Capacity is per group, and a group is one sequence: C = max(ceil(cf * L * K / E),
 moe.min_capacity) (moex.config.capacity). Groups never span devices, so drops do not depend
-on the mesh. Shared experts (DeepSeek) are one always-on SwiGLU of width
-num_shared_experts * d_shared added to the routed output (the same function as that many
-separate experts summed).
+on the mesh. A packed row (segment ids) is one group: its documents share C, and its
+padding (`valid_BxL` False) takes no slot, gets no routed output and counts in no
+statistic or balancing term (C stays the full row's). Shared experts (DeepSeek) are one
+always-on SwiGLU of width num_shared_experts * d_shared added to the routed output (the
+same function as that many separate experts summed).
 
 Each call decides its `dispatch.Plan` once (path, capacity factor, capacity) from the MoE
 config, train/eval and the sequence length; the dispatch path is looked up in
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moex.config import ModelConfig, MoEConfig
+from moex.config import ConfigError, ModelConfig, MoEConfig
 from moex.model.layers import SwiGLU
 from moex.moe import dispatch, experts as experts_lib, parallel, routing, stats
 
@@ -44,15 +46,19 @@ def _router_input(x_GxSxD, cfg: MoEConfig, train: bool, rng) -> jax.Array:
 
 
 def moe_forward(router_DxE, bias_E, w: experts_lib.ExpertWeights, x_GxSxD, tokens_GxS, rng,
-                *, cfg: MoEConfig, plan: dispatch.Plan, train: bool, ax: parallel.Axes):
+                valid_GxS=None, *, cfg: MoEConfig, plan: dispatch.Plan, train: bool,
+                ax: parallel.Axes):
   """Routed experts on this device's tokens: (y [G, S, D], stats, first-choice expert of
-  each token [G, S], new bias or None)."""
+  each token [G, S], new bias or None). `valid_GxS` (None: all real) marks real tokens;
+  padding takes no capacity slot, gets no routed output and is in no statistic."""
   logits_GxSxE = jnp.einsum("gsd,de->gse",
                             _router_input(x_GxSxD, cfg, train, rng).astype(jnp.float32),
                             router_DxE.astype(jnp.float32))
   ctx = routing.Context(train=train, rng=jax.random.fold_in(rng, 2), tokens_GxS=tokens_GxS,
                         bias_E=bias_E, capacity=plan.capacity)
   r = routing.ROUTERS[cfg.router](logits_GxSxE, cfg, ctx)
+  if valid_GxS is not None:
+    r = r._replace(valid_GxS=valid_GxS)
   experts = parallel.experts(w, ax, cfg.grouped_matmul, cfg.ep_buffer_factor)
   y_GxSxD, kept_GxSxK = dispatch.PATHS[plan.path](x_GxSxD, r, plan, experts)
   layer_stats = stats.layer_stats(r, kept_GxSxK, plan, reduce=ax)
@@ -83,15 +89,22 @@ class MoEBlock(nnx.Module):
     return dispatch.plan(self.cfg, train, tokens_per_group, num_tokens)
 
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array | None = None,
-               rng: jax.Array | None = None) -> tuple[jax.Array, MoEOutput]:
+               rng: jax.Array | None = None, valid_BxL: jax.Array | None = None
+               ) -> tuple[jax.Array, MoEOutput]:
+    """`valid_BxL` marks the real tokens of packed rows (None: every token is real)."""
     b, l, _ = x_BxLxD.shape
+    if valid_BxL is not None and self.cfg.router == "expert_choice":
+      raise ConfigError(
+          "moe.router: expert_choice ranks every token of a packed row, so a document's "
+          "routing would see the other documents and the padding of its row; use a "
+          "token-choice router with batches that carry segment_ids")
     if rng is None or not train:  # evaluation routing is deterministic: a fixed key
       rng = jax.random.PRNGKey(0)
     if tokens_BxL is None:
       tokens_BxL = jnp.zeros((b, l), jnp.int32)
     bias_E = None if self.router.bias_E is None else self.router.bias_E[...]
     args = (self.router.kernel_DxE[...], bias_E, self.experts.weights(), x_BxLxD, tokens_BxL,
-            rng)
+            rng, valid_BxL)
     # A group is one sequence: G = B, S = L.
     fn = functools.partial(moe_forward, cfg=self.cfg, plan=self.plan(train, l, b * l),
                            train=train)

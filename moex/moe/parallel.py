@@ -12,8 +12,9 @@ the paths themselves (moex/moe/dispatch.py) never see devices.
   fixed-size, so one all_to_all there and one back.
 - gathered (gather path, T*K < E): on one expert rank, each row times its own expert's
   weights (only those are read); across ranks, the dropless exchange below.
-- grouped (dropless path): rows arrive sorted by expert; each device sends each other a
-  padded buffer of P rows (`pair_rows`): P = M_local (nothing can overflow) when
+- grouped (dropless path): rows arrive sorted by expert (padding of packed rows last, in
+  no group: never sent, so it takes no room in the pair buffers); each device sends each
+  other a padded buffer of P rows (`pair_rows`): P = M_local (nothing can overflow) when
   moe.ep_buffer_factor is 0, else ceil(factor * M_local / ranks). Rows past the bound, the
   last rows in expert order of that pair, are not computed: they are returned as not kept
   and counted (`ep_overflow` in the statistics), never silently.
@@ -87,6 +88,9 @@ def experts(w: experts_lib.ExpertWeights, ax: Axes, backend: str,
     return out
 
   def local(rows_MxD: jax.Array, sizes_E: jax.Array) -> jax.Array:
+    if backend == "tiled":  # its layout needs every row in a group: rows past the groups
+      # (padding, zero rows) go to the last one
+      sizes_E = sizes_E.at[-1].add(rows_MxD.shape[0] - jnp.sum(sizes_E))
     return ax.psum_tensor(experts_lib.grouped(w, rows_MxD, sizes_E, backend))
 
   if ax.expert_size == 1:
@@ -125,11 +129,14 @@ def _ep_grouped(rows_MxD: jax.Array, sizes_E: jax.Array, *,
   p = pair_rows(m, n, buffer_factor)
   # Stage 1: a fixed buffer per destination rank (dispatch's row maps, one group, K = 1).
   ends_E = jnp.cumsum(sizes_E)
-  expert_M = jnp.searchsorted(ends_E, jnp.arange(m), side="right").astype(jnp.int32)
+  # Rows past the groups (padding of packed rows) have no expert: never sent (slot p).
+  in_group_M = jnp.arange(m) < ends_E[-1]
+  expert_M = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(m), side="right"),
+                         sizes_E.shape[0] - 1).astype(jnp.int32)
   rank_M = expert_M // e_local
   rank_start_X = (jnp.cumsum(sizes_E.reshape(n, e_local).sum(-1))
                   - sizes_E.reshape(n, e_local).sum(-1))
-  slot_M = jnp.arange(m, dtype=jnp.int32) - rank_start_X[rank_M]
+  slot_M = jnp.where(in_group_M, jnp.arange(m, dtype=jnp.int32) - rank_start_X[rank_M], p)
   b = dispatch.buffer_rows(rank_M.reshape(1, m, 1), slot_M.reshape(1, m, 1), n, p)
   rows = n * p
   filled_R = b.assignment_R < m
@@ -144,8 +151,6 @@ def _ep_grouped(rows_MxD: jax.Array, sizes_E: jax.Array, *,
   inverse_R = jnp.argsort(order_R).astype(jnp.int32)
   sorted_RxD = permute.take_rows(recv_RxD, order_R, inverse_R[:, None])
   local_sizes_E = jnp.bincount(recv_expert_R, length=e_local + 1)[:e_local].astype(jnp.int32)
-  if backend == "tiled":  # its layout needs every row in a group: padding rows are zero
-    local_sizes_E = local_sizes_E.at[-1].add(rows - jnp.sum(local_sizes_E))
   out_sorted_RxD = local(sorted_RxD, local_sizes_E)
   out_RxD = permute.take_rows(out_sorted_RxD, inverse_R, order_R[:, None])
   back_RxD = _a2a(out_RxD.reshape(n, p, d), ax, 0, 0).reshape(rows, d)
@@ -163,7 +168,8 @@ def axes(mesh, rules: sharding.Rules) -> Axes:
 
 
 def shard_moe(fn, mesh, args: tuple, returns_bias: bool):
-  """Runs `fn(router, bias, weights, x, tokens, rng, *, ax)` (moe_forward) under shard_map.
+  """Runs `fn(router, bias, weights, x, tokens, rng, valid, *, ax)` (moe_forward) under
+  shard_map (`valid` may be None).
 
   Specs come from each operand's logical axis names, keeping only SHARD_MAP_AXES.
   Returns fn's (y, stats, first choice, new bias or None).
@@ -176,7 +182,9 @@ def shard_moe(fn, mesh, args: tuple, returns_bias: bool):
   spec = lambda *names: sharding.logical_to_spec(names, moe_rules, mesh)
   w_spec = experts_lib.ExpertWeights(*(spec(*names) for names in experts_lib.LOGICAL_AXES))
   bias_spec = None if args[1] is None else P()
-  in_specs = (P(), bias_spec, w_spec, spec("batch", None, None), spec("batch", None), P())
+  valid_spec = None if args[6] is None else spec("batch", None)
+  in_specs = (P(), bias_spec, w_spec, spec("batch", None, None), spec("batch", None), P(),
+              valid_spec)
   out_specs = (spec("batch", None, None), P(), spec("batch", None),
                P() if returns_bias else None)
   return jax.shard_map(functools.partial(fn, ax=axes(mesh, rules)), mesh=mesh,

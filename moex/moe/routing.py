@@ -40,6 +40,9 @@ class Routing(NamedTuple):
   logits_GxSxE: jax.Array  # float32, raw router logits (for the z-loss).
   token_GxExC: jax.Array | None = None  # expert choice: the C tokens each expert takes.
   weight_GxExC: jax.Array | None = None  # expert choice: the weight of each of them.
+  # Real tokens (False: padding of a packed row, which takes no capacity slot, is not
+  # counted in any statistic or balancing term and gets no routed output); None: all are.
+  valid_GxS: jax.Array | None = None
 
   @property
   def expert_choice(self) -> bool:
@@ -47,10 +50,13 @@ class Routing(NamedTuple):
 
   def first_choice_GxS(self) -> jax.Array:
     """Each token's first-choice expert (its top router probability for expert choice,
-    where tokens make no choice); the probe behind moe_stats' routing_churn."""
+    where tokens make no choice), -1 on padding; the probe behind moe_stats'
+    routing_churn."""
     if self.expert_index_GxSxK.shape[-1]:
-      return self.expert_index_GxSxK[..., 0].astype(jnp.int32)
-    return jnp.argmax(self.probs_GxSxE, axis=-1).astype(jnp.int32)
+      first_GxS = self.expert_index_GxSxK[..., 0].astype(jnp.int32)
+    else:
+      first_GxS = jnp.argmax(self.probs_GxSxE, axis=-1).astype(jnp.int32)
+    return first_GxS if self.valid_GxS is None else jnp.where(self.valid_GxS, first_GxS, -1)
 
 
 class Context(NamedTuple):

@@ -11,6 +11,9 @@ lines, labelled with the same `dispatch.Plan` the layer ran with.
 To add a statistic: compute its (psummed) sum in `layer_stats`, turn it into a field in
 `records` (and document it below and in WORKSPACE.md); see "Adding a statistic" there.
 
+Padding of packed rows is in no statistic: every count and sum is over real tokens
+(`tokens` included); the per-sequence quantities keep the row's length S as their unit.
+
 Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
   step, split, layer, tokens, num_experts, top_k, dispatch (the path: capacity, dropless,
   expert_choice), capacity (per expert and sequence; null when dropless), capacity_factor
@@ -65,13 +68,14 @@ def _shape_stats(routing: Routing, psum) -> dict:
   k = expert_index_GxSxK.shape[-1]
   if 0 < k < e:
     top = jax.lax.top_k(probs_GxSxE, k + 1)[0]
-    margin = jnp.sum(top[..., k - 1] - top[..., k]).astype(jnp.float32)
+    margin = jnp.sum(balancing.real_only(top[..., k - 1] - top[..., k], routing)
+                     ).astype(jnp.float32)
   else:
     margin = jnp.zeros((), jnp.float32)
   if k == 0:  # expert choice: no per-token choices
     return {"topk_margin_sum": psum(margin), "cooccurrence": jnp.zeros((e, e), jnp.int32)}
-  chosen_TxE = jnp.sum(jax.nn.one_hot(expert_index_GxSxK.reshape(-1, k), e,
-                                      dtype=jnp.float32), axis=1)
+  chosen_GxSxE = jnp.sum(jax.nn.one_hot(expert_index_GxSxK, e, dtype=jnp.float32), axis=2)
+  chosen_TxE = balancing.real_only(chosen_GxSxE, routing).reshape(-1, e)
   co_ExE = jnp.round(chosen_TxE.T @ chosen_TxE).astype(jnp.int32)
   return {"topk_margin_sum": psum(margin), "cooccurrence": psum(co_ExE)}
 
@@ -102,8 +106,9 @@ def layer_stats(routing: Routing, kept_GxSxK: jax.Array, plan: Plan, reduce=None
   load_GxE = balancing.routed_load(routing)
   e = load_GxE.shape[-1]
   load_E = psum(jnp.sum(load_GxE, axis=0))
+  dropped_GxSxK = balancing.real_only(~kept_GxSxK, routing)  # padding is never "dropped"
   dropped_E = jnp.zeros((e,), jnp.int32).at[routing.expert_index_GxSxK.reshape(-1)].add(
-      (~kept_GxSxK).reshape(-1).astype(jnp.int32))
+      dropped_GxSxK.reshape(-1).astype(jnp.int32))
   dropped_E = psum(dropped_E)
   return {
       "expert_load": load_E,
@@ -178,11 +183,14 @@ def zeros_like(stats: dict) -> dict:
 
 
 def routing_churn(prev_NxBxL: np.ndarray, cur_NxBxL: np.ndarray) -> np.ndarray:
-  """Per MoE layer, the fraction of probe tokens whose first-choice expert changed."""
+  """Per MoE layer, the fraction of probe tokens whose first-choice expert changed
+  (padding, first choice -1, is not a probe token)."""
   prev, cur = np.asarray(prev_NxBxL), np.asarray(cur_NxBxL)
   if prev.shape != cur.shape:
     raise ValueError(f"routing_churn: probe shapes differ, {prev.shape} vs {cur.shape}")
-  return np.mean(prev != cur, axis=tuple(range(1, cur.ndim)))
+  axes = tuple(range(1, cur.ndim))
+  real = cur >= 0
+  return np.sum((prev != cur) & real, axis=axes) / np.maximum(np.sum(real, axis=axes), 1)
 
 
 def records(stats: dict, *, step: int, split: str, layers: tuple[int, ...], plan: Plan,

@@ -86,6 +86,16 @@ def _all_finite(state: dict) -> jax.Array:
   return jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
 
 
+def batch_keys(batch: dict) -> tuple[str, ...]:
+  """The contract keys a host batch carries, in step_lib.BATCH_KEYS order (segment_ids
+  and positions come together)."""
+  keys = tuple(k for k in step_lib.BATCH_KEYS if k in batch)
+  if "tokens" not in keys or ("segment_ids" in keys) != ("positions" in keys):
+    raise config_lib.ConfigError(f"data: a batch must hold 'tokens', and 'segment_ids' "
+                                 f"with 'positions' or neither; got {sorted(batch)}")
+  return keys
+
+
 def _fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -201,7 +211,11 @@ class _Runner:
     self.mfu = flops.MFU(cfg, mesh.devices.size)
     rep = sharding.replicated(mesh)
     b, l1 = cfg.data.batch_size, cfg.data.seq_len + 1
-    abs_tokens = jax.ShapeDtypeStruct((b, l1), jnp.int32, sharding=self.batch_sh)
+    # The batch keys (tokens; segment_ids and positions for packed data) fix the compiled
+    # signature: read from the first eval batch, checked on every train batch.
+    self.batch_keys = batch_keys(data.eval_batches[0])
+    abs_tokens = {k: jax.ShapeDtypeStruct((b, l1), jnp.int32, sharding=self.batch_sh)
+                  for k in self.batch_keys}
 
     train_core, train_step = step_lib.make_train_step(cfg, model.graphdef, tx)
     acc_shapes = jax.eval_shape(train_core, model.abstract_state, abs_tokens)[1]
@@ -227,18 +241,26 @@ class _Runner:
     self.eval_step = jax.jit(eval_step, in_shardings=(p_sh, bf_sh, rep, self.batch_sh),
                              out_shardings=rep, donate_argnums=(2,))
     # routing_churn: first choices on the first eval batch at every train log step.
-    self.probe_step = jax.jit(step_lib.make_probe_step(model.graphdef),
+    self.probe_step = jax.jit(step_lib.make_probe_step(model.graphdef, cfg.data),
                               in_shardings=(p_sh, bf_sh, self.batch_sh), out_shardings=rep)
-    self.probe_tokens = self._tokens(data.eval_batches[0])
+    self.probe_batch = self._batch(data.eval_batches[0])
+    self.targets_seen = 0  # loss targets of the logged train windows (tokens_per_sec)
 
   def probe(self, state: dict) -> np.ndarray | None:
     """First-choice experts [num_moe_layers, B, L] on the probe batch (None if dense)."""
     if not self.cfg.model.moe_layers:
       return None
-    return _to_host(self.probe_step(state["params"], state["buffers"], self.probe_tokens))
+    return _to_host(self.probe_step(state["params"], state["buffers"], self.probe_batch))
 
-  def _tokens(self, batch: dict) -> jax.Array:
-    return jax.make_array_from_process_local_data(self.batch_sh, batch["tokens"])
+  def _batch(self, batch: dict) -> dict:
+    """The global batch dict (this process's rows of each key) in the batch sharding."""
+    got = batch_keys(batch)
+    if got != self.batch_keys:
+      raise config_lib.ConfigError(f"data: a batch has keys {list(got)}, the first had "
+                                   f"{list(self.batch_keys)}: every batch must carry the "
+                                   "same keys")
+    return {k: jax.make_array_from_process_local_data(self.batch_sh, batch[k])
+            for k in self.batch_keys}
 
   def _moe_records(self, moe_host: dict, step: int, split: str,
                    churn_N: np.ndarray | None = None) -> list[dict]:
@@ -256,7 +278,7 @@ class _Runner:
     t0 = time.time()
     acc = self.eval_acc_zeros()
     for batch in self.data.eval_batches:
-      acc = self.eval_step(state["params"], state["buffers"], acc, self._tokens(batch))
+      acc = self.eval_step(state["params"], state["buffers"], acc, self._batch(batch))
     host = _to_host(acc)
     summary = step_lib.eval_summary(host)
     seconds = time.time() - t0
@@ -298,7 +320,7 @@ class _Runner:
     with _handle_signals(flag), contextlib.closing(prof):
       while step < total and flag.signal is None:
         with prof.step(step + 1, lambda: state["step"]):
-          state, acc = self.train_step(state, acc, self._tokens(next(self.data.train_iter)))
+          state, acc = self.train_step(state, acc, self._batch(next(self.data.train_iter)))
         step += 1
         last = step == total
         now = time.time()
@@ -309,7 +331,10 @@ class _Runner:
           if s["nonfinite"]:
             self._nonfinite(step)
           now = time.time()
-          tps = (step - window_start) * tokens_per_step / max(now - t_window, 1e-9)
+          # Loss targets (B * L per step without segment ids): padding is not throughput.
+          targets = int(host["scalars"]["targets"])
+          self.targets_seen += targets
+          tps = targets / max(now - t_window, 1e-9)
           record = {"step": step, "split": "train", "loss": s["loss"],
                     "cross_entropy": s["cross_entropy"],
                     "learning_rate": float(self.lr_schedule(step - 1)),
@@ -349,11 +374,12 @@ class _Runner:
         self.writer.flush()
     self.ckpt.wait()
     elapsed = time.time() - t_start
+    self.targets_seen += int(_to_host(acc["scalars"]["targets"]))  # an unlogged window
     if flag.signal is not None:
       logging.warning("stopped (%s) at step %d; re-run the same command to resume",
                       flag.signal, step)
     result = {"step": step, "seconds": elapsed, "stopped": flag.signal is not None,
-              "tokens_per_sec": (step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+              "tokens_per_sec": self.targets_seen / max(elapsed, 1e-9),
               "first_eval": first_eval, "last_eval": last_eval,
               # Only an evaluation of the step the run ended at (a stopped run may have none).
               "final_eval": last_eval if last_eval and last_eval["step"] == step else None}
