@@ -17,13 +17,13 @@ process before and after the timed runs; "% peak" divides the analytic forward+b
 FLOPs (3x the forward's) per second by the better of the two, and both probes are printed:
 if they differ much, another job shared the cores and the table is not to be trusted.
 
-Where the dropless path's time goes (--breakdown, on by default): the same routing, sort,
-gathers, experts and combine as dispatch.dropless_dispatch, each timed alone, forward and
-forward+backward (backward = the difference): the router (logits and top-k), the
-permutation (the sort and the gathers into and out of expert order, with the experts
-replaced by the identity, minus the combine), the experts (the grouped SwiGLU on sorted
-rows) and the combine (the weighted sum over the K choices). "rest" is the whole layer
-minus their sum (the statistics, and whatever fusing the pieces gains or loses).
+Where the dropless path's time goes (--breakdown, on by default) is measured by nested
+ablation of the same routing, sort, gathers, experts and combine as
+dispatch.dropless_dispatch, forward and forward+backward (backward = the difference):
+the whole layer; the experts replaced by the identity; then no sort or gathers either (each
+token's K copies combined directly); then the router alone. Each part is the time one
+removal saves (experts, permutation, combine, router), so the parts add up to the layer.
+Parts timed alone do not add up: XLA fuses a gather's backward with its neighbours.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from flax import nnx
 from moex import config as config_lib
 from moex.model.layers import SwiGLU
 from moex.train import flops
-from moex.moe import balancing, dispatch, experts as experts_lib, gmm, parallel, routing
+from moex.moe import balancing, dispatch, gmm, parallel, routing
 from moex.moe.layer import MoEBlock
 
 nnx.use_eager_sharding(False)
@@ -49,7 +49,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON."
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median).")
 _SHAPES = flags.DEFINE_list("shapes", ["standard", "fine_grained", "fine_grained_256"],
                             "Shapes to run.")
-_PATHS = flags.DEFINE_list("paths", None, "Paths to run (default: all of PATHS).")
+_PATHS = flags.DEFINE_list("paths", None, "Paths to run (default: all of PATHS; none: the "
+                           "breakdown only).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Time the dropless path's parts.")
 
 SHAPES = {
@@ -130,58 +131,49 @@ def _loop_correction(block: MoEBlock, x, d: int, f: int, backend: str) -> float:
 
 
 def breakdown(name: str, x) -> list[dict]:
-  """The dropless path's parts timed alone (see the module docstring)."""
+  """The dropless path's parts by nested ablation (see the module docstring)."""
   shape = SHAPES[name]
   model_cfg, moe_cfg = _configs(shape, dict(dispatch="dropless", grouped_matmul="auto"))
   block = MoEBlock(model_cfg, moe_cfg, nnx.Rngs(0))
   g, s, d = x.shape
-  k, e = moe_cfg.top_k, moe_cfg.num_experts
+  k = moe_cfg.top_k
   router_DxE = block.router.kernel_DxE[...]
   w = block.experts.weights()
-  route = lambda kernel, x: routing.ROUTERS[moe_cfg.router](
-      jnp.einsum("gsd,de->gse", x, kernel), moe_cfg, routing.Context(train=True))
-  r = route(router_DxE, x)
   plan = block.plan(True, s)
-
-  def layer(kernel, w, x):
-    return dispatch.PATHS["dropless"](x, route(kernel, x), plan,
-                                      parallel.experts(w, parallel.Axes(), "auto", 0))[0]
-
   identity = dispatch.Experts(buffered=None,
                               grouped=lambda rows, sizes: (rows, jnp.ones(rows.shape[0], bool)))
 
-  def permute_and_combine(x, combine_weight, expert_index):
-    routed = r._replace(combine_weight_GxSxK=combine_weight, expert_index_GxSxK=expert_index)
-    return dispatch.PATHS["dropless"](x, routed, plan, identity)[0]
+  def route(kernel, x):
+    return routing.ROUTERS[moe_cfg.router](jnp.einsum("gsd,de->gse", x, kernel), moe_cfg,
+                                           routing.Context(train=True))
 
-  expert_M = r.expert_index_GxSxK.reshape(-1)
-  order_M = jnp.argsort(expert_M, stable=True)
-  rows_MxD = x.reshape(-1, d)[order_M // k]
-  sizes_E = jnp.bincount(expert_M, length=e).astype(jnp.int32)
-  y_TxKxD = rows_MxD[jnp.argsort(order_M)].reshape(g * s, k, d)
-  weight_TxK = r.combine_weight_GxSxK.reshape(g * s, k)
+  def layer(kernel, w, x):  # router, sort and gathers, experts, combine
+    return dispatch.PATHS["dropless"](x, route(kernel, x), plan,
+                                      parallel.experts(w, parallel.Axes(), "auto", 0))[0]
 
-  parts = {
-      "router": _fwd_bwd_ms(lambda kernel, x: route(kernel, x).combine_weight_GxSxK,
-                            router_DxE, x),
-      "permute+combine": _fwd_bwd_ms(permute_and_combine, x, r.combine_weight_GxSxK,
-                                     r.expert_index_GxSxK),
-      "experts": _fwd_bwd_ms(lambda w, rows, sizes: experts_lib.grouped(w, rows, sizes, "auto"),
-                             w, rows_MxD, sizes_E),
-      "combine": _fwd_bwd_ms(lambda y, wt: jnp.einsum("tkd,tk->td", y, wt), y_TxKxD, weight_TxK),
-      "layer": _fwd_bwd_ms(layer, router_DxE, w, x),
-  }
-  permutation = tuple(a - b for a, b in zip(parts.pop("permute+combine"), parts["combine"]))
-  parts = {"router": parts["router"], "permutation": permutation, "experts": parts["experts"],
-           "combine": parts["combine"], "layer": parts["layer"]}
-  whole_f, whole_fb = parts["layer"]
-  named = [p for p in parts if p != "layer"]
-  parts["rest"] = (whole_f - sum(parts[p][0] for p in named),
-                   whole_fb - sum(parts[p][1] for p in named))
+  def without_experts(kernel, w, x):  # the experts replaced by the identity
+    return dispatch.PATHS["dropless"](x, route(kernel, x), plan, identity)[0]
+
+  def without_permutation(kernel, w, x):  # and no sort or gathers: each token's K copies
+    weight_GxSxK = route(kernel, x).combine_weight_GxSxK
+    return jnp.einsum("gskd,gsk->gsd", jnp.broadcast_to(x[:, :, None], (g, s, k, d)),
+                      weight_GxSxK)
+
+  def router_only(kernel, w, x):  # and no combine: the routing's weights
+    return route(kernel, x).combine_weight_GxSxK
+
+  variants = [layer, without_experts, without_permutation, router_only]
+  ms = [_fwd_bwd_ms(v, router_DxE, w, x) for v in variants]
+  ms.append((0.0, 0.0))
+  (whole_f, whole_fb) = ms[0]
   rows = []
-  for part, (f_ms, fb_ms) in parts.items():
+  for part, (a, b) in zip(("experts", "permutation", "combine", "router"),
+                          zip(ms[:-1], ms[1:])):
+    f_ms, fb_ms = a[0] - b[0], a[1] - b[1]
     rows.append({"shape": name, "part": part, "fwd_ms": f_ms, "bwd_ms": fb_ms - f_ms,
                  "fwd_share": f_ms / whole_f, "bwd_share": (fb_ms - f_ms) / (whole_fb - whole_f)})
+  rows.append({"shape": name, "part": "layer", "fwd_ms": whole_f, "bwd_ms": whole_fb - whole_f,
+               "fwd_share": 1.0, "bwd_share": 1.0})
   return rows
 
 
@@ -199,7 +191,7 @@ def run_shape(name: str, peak: float) -> list[dict]:
            "flop_ratio": base["executed_gflops"] * 1e9 / (6 * t * k * d * f),
            "of_peak": of_peak(6 * t * k * d * f, base["fwd_bwd_ms"])}]
   for path_name, path in PATHS:
-    if _PATHS.value and path_name not in _PATHS.value:
+    if _PATHS.value and path_name not in _PATHS.value:  # --paths=none: only the breakdown
       continue
     model_cfg, moe_cfg = _configs(shape, path)
     block = MoEBlock(model_cfg, moe_cfg, nnx.Rngs(0))
@@ -230,7 +222,7 @@ def main(argv):
            f"{'vs dense':>8s} {'% peak':>7s} {'exec/analytic FLOPs':>20s}"
   print(header)
   for name in _SHAPES.value:
-    for r in run_shape(name, before.best):
+    for r in run_shape(name, before.best) if _PATHS.value != ["none"] else []:
       rows.append(r)
       print(f"{r['shape']:16s} {r['path']:20s} {r['fwd_ms']:8.1f} {r['fwd_bwd_ms']:11.1f} "
             f"{r['ratio_fwd_bwd']:8.2f} {r['of_peak']:7.1%} {r['flop_ratio']:20.3f}", flush=True)
