@@ -591,15 +591,21 @@ def test_tiled_path_pays_only_its_padding():
   assert ratio <= 1.1
 
 
-def test_chunked_path_with_loop_trip_correction():
-  # XLA's cost analysis counts a while-loop body once: the chunked loops show one chunk of
-  # each of the three matmuls. Add the chunks the loops really run for this routing, as
-  # moex/bench/moe_layer.py _chunked_loop_correction does.
+def _expected_sizes() -> np.ndarray:
+  """Rows per expert [E] of the routing _flop_ratio's block gives its random input (the
+  loops' trip counts follow from these)."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(T, FLOPS_D))
   w_router = rng.normal(size=(FLOPS_D, E)) * 0.02  # the block's init scale (init_std)
   top_TxK = np.argsort(-(x @ w_router), axis=-1, kind="stable")[:, :K]
-  sizes_E = np.bincount(top_TxK.ravel(), minlength=E)
+  return np.bincount(top_TxK.ravel(), minlength=E)
+
+
+def test_chunked_path_with_loop_trip_correction():
+  # XLA's cost analysis counts a while-loop body once: the chunked loops show one chunk of
+  # each of the three matmuls. Add the chunks the loops really run for this routing, as
+  # moex/bench/moe_layer.py _chunked_loop_correction does.
+  sizes_E = _expected_sizes()
   chunk = gmm.default_chunk(M, E)
   rows = int(gmm.chunked_executed_rows(jnp.asarray(sizes_E), chunk))
   assert rows == int(np.sum(-(-sizes_E // chunk))) * chunk
@@ -614,11 +620,7 @@ def test_chunked_path_with_loop_trip_correction():
 def test_blocked_path_pays_the_blocks_and_the_overflow_chunks():
   # E blocks of C = M // E rows (one einsum, counted fully) plus the overflow loops, whose
   # body XLA counts once: add the chunks they really run, as moex/bench/moe_layer.py does.
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(T, FLOPS_D))
-  w_router = rng.normal(size=(FLOPS_D, E)) * 0.02  # the block's init scale (init_std)
-  top_TxK = np.argsort(-(x @ w_router), axis=-1, kind="stable")[:, :K]
-  sizes_E = np.bincount(top_TxK.ravel(), minlength=E)
+  sizes_E = _expected_sizes()
   c, chunk = M // E, gmm.default_chunk(M, E)
   over_E = np.maximum(sizes_E - c, 0)
   layout = gmm.BlockedLayout(jnp.asarray(sizes_E, jnp.int32), M)

@@ -48,13 +48,24 @@ def test_stop_and_resume_matches_straight_run(tiny_config, tmp_path):
 
 
 def test_outputs_follow_their_contracts(tiny_config, tmp_path):
+  tiny_config.train.profile_start = 2
+  tiny_config.train.profile_steps = 2
   workdir = str(tmp_path / "run")
   result = loop.train_and_evaluate(tiny_config, workdir)
+  # train.profile_steps: a jax.profiler trace for TensorBoard of steps 2 and 3, and no others.
+  runs = list((tmp_path / "run" / "tensorboard" / "plugins" / "profile").iterdir())
+  assert len(runs) == 1
+  names = [p.name for p in runs[0].iterdir()]
+  assert any(n.endswith(".xplane.pb") for n in names), names
+  trace = json.loads(gzip.decompress(next(runs[0].glob("*.trace.json.gz")).read_bytes()))
+  steps = {e["args"]["step_num"] for e in trace["traceEvents"]
+           if e.get("name") == "train" and "step_num" in e.get("args", {})}
+  assert steps == {"2", "3"}, steps
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert not os.path.exists(os.path.join(workdir, "tokenizer"))  # "byte" has no files
   assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tensorboard")))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
-  assert result["final_eval"]["bits_per_byte"] < first["first_eval"]["bits_per_byte"]
+  assert result["final_eval"]["bits_per_byte"] < result["first_eval"]["bits_per_byte"]
 
   for r in _lines(workdir, "metrics.jsonl"):
     for k in ("step", "split", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
@@ -308,22 +319,6 @@ def test_schedule_warning_only_when_rates_to_come_move(schedule, latest, warns):
     assert _schedule_warnings(warning)[0].endswith(
         "resume from a checkpoint before step 16 (the old decay's start) to extend without "
         "changing it")
-
-
-def test_profile_steps_write_a_trace_for_tensorboard(tiny_config, tmp_path):
-  tiny_config.train.profile_start = 2
-  tiny_config.train.profile_steps = 2
-  workdir = tmp_path / "run"
-  loop.train_and_evaluate(tiny_config, str(workdir))
-  runs = list((workdir / "tensorboard" / "plugins" / "profile").iterdir())
-  assert len(runs) == 1
-  names = [p.name for p in runs[0].iterdir()]
-  assert any(n.endswith(".xplane.pb") for n in names), names
-  # The annotated steps are in the trace: the two traced steps, and no others.
-  trace = json.loads(gzip.decompress(next(runs[0].glob("*.trace.json.gz")).read_bytes()))
-  steps = {e["args"]["step_num"] for e in trace["traceEvents"]
-           if e.get("name") == "train" and "step_num" in e.get("args", {})}
-  assert steps == {"2", "3"}, steps
 
 
 def test_profile_config_is_validated(tiny_config):
