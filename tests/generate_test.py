@@ -20,6 +20,7 @@ import torch
 import transformers
 from flax import nnx
 from moe_reference import JIT_OPTIONS
+import multidevice_run
 
 from experiments import tiny
 from moex import config as config_lib, generate, sample
@@ -236,13 +237,7 @@ def test_refusals_name_the_reason(small, tmp_path):
 def test_expert_parallel_decoding_gives_the_one_device_tokens():
   """tests/multidevice/generate_mesh.py on 8 simulated devices: expert=4 (batch 4: T*K = 8
   < E = 16, the gather path across ranks) and data=2 x expert=4 (batch 8, dropless)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  r = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice" /
-                                          "generate_mesh.py")],
-                     capture_output=True, text=True, timeout=600, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+  _, rows = multidevice_run.run("generate_mesh.py", timeout=600)
   assert [row["decode_path"] for row in rows] == ["gather", "dropless"], rows
   for row in rows:
     assert row["tokens_equal"], row

@@ -15,6 +15,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch
+import multidevice_run
 
 from experiments import tiny
 from moex import config as config_lib
@@ -235,14 +236,8 @@ def test_missing_files_and_wrong_shapes_name_the_file(tmp_path):
 
 def test_import_onto_an_expert_parallel_mesh(tmp_path):
   """Each device reads only its experts; the logits are those of one device."""
-  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  script = __import__("pathlib").Path(__file__).parent / "multidevice" / "interop_mesh.py"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(script.parents[2]))
-  r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                     timeout=600, env=env, cwd=str(script.parents[2]))
-  assert r.returncode == 0, r.stderr[-3000:]
-  out = json.loads(r.stdout.strip().splitlines()[-1])
+  stdout, _ = multidevice_run.run("interop_mesh.py", timeout=600)
+  out = json.loads(stdout.strip().splitlines()[-1])
   assert len(out["shards"]) == 8 and all(s == [2, 32, 24] for s in out["shards"])
   assert out["max_diff"] <= 1e-5
 

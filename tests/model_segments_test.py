@@ -9,17 +9,14 @@ statistics. data.document_mask / data.document_positions switch the mask and pos
 """
 
 import dataclasses
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 from moe_reference import JIT_OPTIONS
+import multidevice_run
 
 from experiments import tiny
 from moex import config as config_lib
@@ -333,13 +330,8 @@ def test_expert_parallel_packed_logits_match_one_device():
   """tests/multidevice/segments_mesh.py on 8 simulated devices: packed rows with masks on
   (expert=8), (data=2, expert=4) meshes give the one-device logits (to 1e-5 of their
   largest magnitude), loss and counts, capacity and dropless paths."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                     timeout=900, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-  assert len(rows) == 4, r.stdout
+  stdout, rows = multidevice_run.run(SCRIPT.name)
+  assert len(rows) == 4, stdout
   for row in rows:  # reductions split over devices: relative to the logits' magnitude
     assert row["logits"] <= TOL * row["logit_scale"], row
     assert row["loss"] <= 1e-5, row

@@ -6,26 +6,19 @@ The comparisons run in a subprocess with 8 simulated CPU devices
 three train steps each; and the dropless path with a bounded pair buffer on (expert=8).
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+import multidevice_run
 
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "ep_equivalence.py"
 
 
 @pytest.fixture(scope="module")
 def comparisons():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                     timeout=900, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-  assert len(rows) == 2 * 3 * 3 + 3, r.stdout
+  stdout, rows = multidevice_run.run(SCRIPT.name)
+  assert len(rows) == 2 * 3 * 3 + 3, stdout
   return rows
 
 
