@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from moex import errors
+
 ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_bias", "expert_choice", "hash",
            "random")
 DROP_POLICIES = ("position", "probability")
@@ -30,7 +32,7 @@ SCHEDULES = ("cosine", "wsd")
 QK_NORMS = ("none", "head", "full")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, errors.Refusal):
   """A bad config value; the message is one line that names the key."""
 
 

@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from moex import errors
 from moex import config as config_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.interop import hf
@@ -44,7 +45,7 @@ _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "experiments", "tiny.py")
 SOURCE = "hf_source.json"
 
-class ConvertError(ValueError):
+class ConvertError(ValueError, errors.Refusal):
   """A one-line reason the conversion cannot proceed."""
 
 

@@ -37,6 +37,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh
 
+from moex import errors
 from moex import config as config_lib
 from moex import sample as sample_lib
 from moex.data import tokenizer as tokenizer_lib
@@ -48,7 +49,7 @@ from moex.train import workdir as workdir_lib
 PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this (fewer compiles)
 
 
-class GenerateError(ValueError):
+class GenerateError(ValueError, errors.Refusal):
   """A one-line reason generation cannot proceed (names the flag, prompt or file)."""
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moex import errors
 from moex import cli, config as config_lib
 from moex.config import Config, ConfigError
 from moex.moe import upcycling
@@ -56,7 +57,7 @@ EXPAND_EXACT = ("topk_softmax", "softmax_topk", "sigmoid_bias")
 RECORD = "upcycle.json"
 
 
-class UpcycleError(ValueError):
+class UpcycleError(ValueError, errors.Refusal):
   """A one-line reason the upcycling cannot proceed (not a config key: a flag or a path)."""
 
 

@@ -53,6 +53,7 @@ from absl import app, flags, logging
 from etils import epath
 import numpy as np
 
+from moex import errors
 from moex.data import sources
 from moex.data import tokenizer as tokenizer_lib
 
@@ -72,7 +73,7 @@ _WARNINGS_PER_UNIT = 10  # Warnings a unit reports by FILE:LINE; the rest are co
 KILL_ENV = "MOEX_PREPARE_KILL_AT"
 
 
-class PrepareError(Exception):
+class PrepareError(errors.Refusal):
   """A preparation that cannot go on; the one-line message names the flag or file."""
 
 

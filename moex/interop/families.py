@@ -32,10 +32,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from moex import errors
 from moex.config import ModelConfig, MoEConfig
 
 
-class Unsupported(ValueError):
+class Unsupported(ValueError, errors.Refusal):
   """A config.json key (or moex config key) the other side cannot express; one line."""
 
 

@@ -18,11 +18,13 @@ from etils import epath
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from moex import errors
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class FormatError(ValueError):
+class FormatError(ValueError, errors.Refusal):
   """A missing or malformed file or tensor; the message is one line naming it."""
 
 

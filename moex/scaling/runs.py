@@ -16,11 +16,12 @@ import os
 import ml_collections
 from absl import logging
 
+from moex import errors
 from moex import config as config_lib
 from moex.report import read
 
 
-class ScalingError(ValueError):
+class ScalingError(ValueError, errors.Refusal):
   """A bad input to moex.scaling; the message is one line naming the file, run or flag."""
 
 

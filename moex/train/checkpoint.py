@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from moex import errors
 from moex.config import ConfigError, TrainConfig
 from moex.data import pipeline
 from moex.train import workdir as workdir_lib
@@ -31,7 +32,7 @@ from moex.train import workdir as workdir_lib
 UNREADABLE = "checkpoints_unreadable"  # Beside checkpoints/: where unreadable ones are moved.
 
 
-class CheckpointError(OSError):
+class CheckpointError(OSError, errors.Refusal):
   """A checkpoint could not be written, or none could be read: an I/O fault, not a config
   error."""
 

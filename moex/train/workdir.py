@@ -24,17 +24,19 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from moex import errors
+
 LOCK = "lock"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 600.0  # 10 missed heartbeats: the holder is gone (killed, host lost)
 LOCK_SETTLE_SECONDS = 2.0
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(RuntimeError, errors.Refusal):
   """Another run holds the workdir; the message is the one line to show the user."""
 
 
-class WorkdirError(OSError):
+class WorkdirError(OSError, errors.Refusal):
   """The workdir cannot be made or written (a file in the way, permissions, no space)."""
 
 
