@@ -170,3 +170,36 @@ def test_inputs_and_output_on_gcs(tmp_path, fake_gcs):
   assert shards.open_prepared("gs://bucket/prepared").manifest == manifest
   shard = manifest["shards"][0]
   assert (epath.Path("gs://bucket/prepared") / shard["name"]).stat().length == shard["file_bytes"]
+
+
+def _prepare_cli(*flags):
+  return subprocess.run([sys.executable, "-m", "moex.data.prepare", *flags], cwd=ROOT,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_output_that_is_a_file_is_one_line(tmp_path):
+  """Issue 25 #5: --output naming a file is refused in one line, not a FileExistsError."""
+  glob = write_jsonl_corpus(tmp_path / "in", files=1, docs=10)
+  target = tmp_path / "notes.txt"
+  target.write_text("a user's file\n")
+  r = _prepare_cli(f"--inputs={glob}", f"--output={target}", "--workers=0")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"moex.data.prepare: --output={target}: is a file, not a directory")
+  assert target.read_text() == "a user's file\n"
+  r = _prepare_cli(f"--inputs={glob}", f"--output={target}/below", "--workers=0")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      f"moex.data.prepare: --output={target}/below: ")
+
+
+def test_no_runtime_warning_with_workers(tmp_path):
+  """Issue 25 #7: running the command (and its spawned workers) imports it only once."""
+  glob = write_jsonl_corpus(tmp_path / "in", files=2, docs=20)
+  r = _prepare_cli(f"--inputs={glob}", f"--output={tmp_path / 'out'}", "--workers=2",
+                   "--shard_mb=0.001")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "RuntimeWarning" not in r.stderr, r.stderr[-2000:]
+  assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]

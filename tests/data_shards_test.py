@@ -1,6 +1,7 @@
 """moex.data.shards: packed rows (the batch contract), mixtures, resume, processes, training."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +170,57 @@ def test_pipeline_build_checks_the_tokenizer(two_sources, tiny_config, bpe_dir):
   cfg = config_lib.validate(c, vocab_size=800)
   with pytest.raises(ValueError, match="^data.tokenizer: .* is not the tokenizer"):
     pipeline.build(cfg.data, 0)
+
+
+def _copy_prepared(src: str, dst) -> str:
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_missing_shard_refused_at_start_up_in_one_line(two_sources, tmp_path, tiny_config):
+  """Issue 25 #2: a shard the manifest lists but the directory lacks is refused when the
+  dataset is opened (before any reader), in one line naming it; so is pipeline.build."""
+  d = _copy_prepared(two_sources[0], tmp_path / "p")
+  (tmp_path / "p" / "train-00000-of-00001.arrayrecord").unlink()
+  with pytest.raises(ValueError, match=r"^data.prepared: .*/p: shard "
+                     r"train-00000-of-00001.arrayrecord is missing") as e:
+    shards.open_prepared(d)
+  assert "\n" not in str(e.value)
+  from moex import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = _prepared_config(tiny_config, [d])
+  with pytest.raises(ValueError, match=r"^data.prepared: .*train-00000-of-00001.arrayrecord "
+                     r"is missing"):
+    pipeline.build(config_lib.validate(c, vocab_size=259).data, 0)
+
+
+def test_truncated_shard_refused_at_start_up(two_sources, tmp_path):
+  d = _copy_prepared(two_sources[0], tmp_path / "p")
+  path = tmp_path / "p" / "val-00000-of-00001.arrayrecord"
+  size = path.stat().st_size
+  path.write_bytes(path.read_bytes()[:size // 2])
+  with pytest.raises(ValueError, match=rf"^data.prepared: .*/p: shard "
+                     rf"val-00000-of-00001.arrayrecord holds {size // 2} bytes, "
+                     rf"manifest.json records {size}") as e:
+    shards.open_prepared(d)
+  assert "\n" not in str(e.value)
+
+
+def test_corrupt_shard_mid_run_names_the_shard_and_record(two_sources, tmp_path):
+  """Bytes damaged inside a shard (its size unchanged): reading fails at the damaged record
+  with one line naming the shard file and the record's index in it."""
+  d = _copy_prepared(two_sources[0], tmp_path / "p")
+  path = tmp_path / "p" / "train-00000-of-00001.arrayrecord"
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+  path.write_bytes(bytes(data))
+  p = shards.open_prepared(d)  # the sizes still match: nothing to see at start-up
+  docs = shards.documents(p, "train")
+  with pytest.raises(ValueError, match=r"^data.prepared: .*/p/train-00000-of-00001."
+                     r"arrayrecord: record (\d+) of \d+ is unreadable") as e:
+    for i in range(len(docs)):
+      docs[i]  # pylint: disable=pointless-statement
+  assert "\n" not in str(e.value)
+  record = int(re.search(r"record (\d+) of", str(e.value)).group(1))
+  assert 0 < record < len(docs)  # the damage is in the middle, not at the first record

@@ -140,3 +140,12 @@ def test_glob_and_points(tmp_path):
   assert moe.flops == pytest.approx(
       flops.train_flops_per_token(config_lib.validate(
           ladder.get_config("moe_s1_125"), vocab_size=259)) * moe.tokens)
+
+
+def test_cli_plan_refuses_an_infinite_budget():
+  """Issue 25 #6: `plan --flops=inf` exited 0 with D = inf tokens."""
+  r = run_cli("plan", "--flops=inf")
+  assert r.returncode == 2, r.stdout[-2000:]
+  assert "Traceback" not in r.stderr and "D inf" not in r.stdout
+  assert r.stderr.strip().splitlines()[-1] == ("moex.scaling: --flops: must be a finite "
+                                               "number > 0, got inf")

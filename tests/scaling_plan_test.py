@@ -152,3 +152,27 @@ def test_written_config_trains_the_planned_size(tmp_path, law_name):
     assert (cfg.moe.num_experts, cfg.moe.top_k) == (best.experts, 1)
   else:
     assert not cfg.model.moe_layers
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"flops": math.inf}, r"^--flops: must be a finite number > 0, got inf$"),
+    ({"flops": math.nan}, r"^--flops: must be a finite number > 0, got nan$"),
+    ({"flops": 1e20, "inference_tokens": math.inf},
+     r"^--inference_tokens: must be a finite number >= 0, got inf$"),
+    ({"flops": 1e20, "inference_tokens": math.nan},
+     r"^--inference_tokens: must be a finite number >= 0, got nan$"),
+    ({"flops": 1e20, "memory_gb": math.inf},
+     r"^--memory_gb: must be a finite number >= 0, got inf$"),
+    ({"flops": 1e20, "bytes_per_param": 0.0},
+     r"^--bytes_per_param: must be a finite number > 0, got 0.0$"),
+    ({"flops": 1e20, "bytes_per_param": math.nan},
+     r"^--bytes_per_param: must be a finite number > 0, got nan$"),
+    ({"flops": 1e20, "experts": (1.0, math.inf)},
+     r"^--experts: must be finite numbers >= 1, got 1,inf$"),
+    ({"flops": 1e20, "experts": (0.5,)}, r"^--experts: must be finite numbers >= 1, got 0.5$"),
+])
+def test_non_finite_or_out_of_range_float_flags_are_refused(kw, match):
+  """Issue 25 #6: --flops=inf planned D = inf tokens and exited 0; every float flag of plan
+  is finite and in range, refused in one line naming it."""
+  with pytest.raises(ScalingError, match=match):
+    commands.plan_budget("ludziejewski", **kw)
