@@ -6,12 +6,12 @@ from data_text import write_jsonl_corpus
 from experiments import tiny
 from moex import config as config_lib
 from moex.bench import data as bench_data
-from moex.data import prepare
+from moex.data import preparing
 
 
 def test_pipeline_rate_counts_delivered_tokens(tmp_path):
-  prepare.prepare(write_jsonl_corpus(tmp_path / "in", files=1, docs=200), str(tmp_path / "p"),
-                  prepare.Options(tokenizer="byte"))
+  preparing.prepare_shards(write_jsonl_corpus(tmp_path / "in", files=1, docs=200),
+                           str(tmp_path / "p"), preparing.Options(tokenizer="byte"))
   cfg = config_lib.validate(tiny.get_config(), vocab_size=259)
   r = bench_data.pipeline_rate([str(tmp_path / "p")], cfg.data, 0, seconds=0.2)
   assert r["batches"] > 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_text import write_jsonl_corpus
-from moex.data import pipeline, prepare, shards, tokenizer as tokenizer_lib
+from moex.data import pipeline, preparing, shards, tokenizer as tokenizer_lib
 from moex.train import loop
 
 
@@ -18,7 +18,8 @@ def two_sources(tmp_path_factory):
   dirs = []
   for name, docs, prefix in (("short", 800, ""), ("long", 300, "# long\n" * 150)):
     glob = write_jsonl_corpus(tmp / f"{name}_in", files=2, docs=docs, prefix=prefix)
-    prepare.prepare(glob, str(tmp / name), prepare.Options(tokenizer="byte", val_fraction=0.1))
+    preparing.prepare_shards(glob, str(tmp / name),
+                             preparing.Options(tokenizer="byte", val_fraction=0.1))
     dirs.append(str(tmp / name))
   return dirs
 

@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from moex import config as config_lib
 from moex.bench import train_step
-from moex.data import prepare, shards, sources
+from moex.data import preparing, shards, sources
 from moex.data import tokenizer as tokenizer_lib
 
 _BLOCK_LINES = 12
@@ -65,8 +65,10 @@ def _prepare_stdlib(root: pathlib.Path, tokenizer: str, workers: int) -> dict[st
   for name, inputs, fmt in (("stdlib files", files, "text"),
                             ("stdlib 12-line blocks", str(blocks), "jsonl")):
     t = time.perf_counter()
-    manifest = prepare.prepare(inputs, str(root / name.replace(" ", "_")), prepare.Options(
-        tokenizer=tokenizer, format=fmt, val_fraction=0.01, shard_mb=8), workers)
+    manifest = preparing.prepare_shards(
+        inputs, str(root / name.replace(" ", "_")),
+        preparing.Options(tokenizer=tokenizer, format=fmt, val_fraction=0.01, shard_mb=8),
+        workers)
     seconds = time.perf_counter() - t
     text = sum(s["text_bytes"] for s in manifest["shards"])
     out[name] = {"dir": str(root / name.replace(" ", "_")), "prepare_s": seconds,

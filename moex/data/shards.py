@@ -1,4 +1,5 @@
-"""Prepared datasets (moex.data.prepare) for training: packed rows, mixtures, token shares.
+"""Prepared datasets (moex.data.prepare; format: moex.data.records) for training: packed
+rows, mixtures, token shares.
 
 Letters: B = batch per process, G = global batch, L = sequence length (rows hold L + 1).
 
@@ -15,6 +16,10 @@ global batch and keeps its rows (as moex.data.pipeline does); `SourceTokens`, th
 iterator, counts the real tokens of each source in the global batches it has delivered, and
 that count is part of its checkpointed state.
 
+Opening a dataset checks its manifest against the shards (each present, at the size the
+manifest records) and refuses in one line naming the first that is not; a record that cannot
+be read later (damaged bytes) is refused naming its shard and its index there.
+
 Evaluation: the val split of each source, unshuffled, packed the same way and mixed with the
 same weights; the last row of a finite stream is padded (segment id 0, token 0).
 """
@@ -29,7 +34,7 @@ from grain import experimental as grain_experimental
 import numpy as np
 from etils import epath
 
-from moex.data import prepare
+from moex.data import records
 from moex.data import tokenizer as tokenizer_lib
 
 # Records are read with a few threads ahead of the packer (documents are small and many).
@@ -58,28 +63,30 @@ class Prepared:
 
 
 def open_prepared(directory: str) -> Prepared:
-  """Reads and checks DIR/manifest.json; a ValueError's one line names data.prepared."""
+  """Reads DIR/manifest.json and checks it and the shards; a ShardError (a ValueError) names
+  data.prepared and the file in one line."""
   directory = os.path.expanduser(directory.strip())
-  path = epath.Path(directory) / prepare.MANIFEST
+  path = epath.Path(directory) / records.MANIFEST
   try:
-    manifest = prepare.read_manifest(epath.Path(directory))
+    manifest = records.read_manifest(epath.Path(directory))
   except (OSError, ValueError) as e:
-    raise ValueError(f"data.prepared: could not read {path}: {e}") from None
+    raise records.ShardError(f"data.prepared: could not read {path}: {e}") from None
   if manifest is None:
-    raise ValueError(f"data.prepared: {path} not found; make it with python -m "
-                     f"moex.data.prepare --output={directory} ...")
-  if manifest.get("format") != prepare.FORMAT:
-    raise ValueError(f"data.prepared: {path} is format {manifest.get('format')!r}, not "
-                     f"{prepare.FORMAT!r}")
+    raise records.ShardError(f"data.prepared: {path} not found; make it with python -m "
+                             f"moex.data.prepare --output={directory} ...")
+  if manifest.get("format") != records.FORMAT:
+    raise records.ShardError(f"data.prepared: {path} is format {manifest.get('format')!r}, "
+                             f"not {records.FORMAT!r}")
   if not manifest.get("complete"):
-    raise ValueError(f"data.prepared: {directory} is not finished (manifest.json has "
-                     f"complete=false); re-run its moex.data.prepare command")
+    raise records.ShardError(f"data.prepared: {directory} is not finished (manifest.json has "
+                             f"complete=false); re-run its moex.data.prepare command")
+  records.check_shards(directory, manifest)
   return Prepared(directory, manifest)
 
 
 def check_tokenizer(prepared: Prepared, tok: tokenizer_lib.Tokenizer) -> None:
   """One line when the dataset was tokenized by another tokenizer than data.tokenizer."""
-  theirs, ours = prepared.manifest["tokenizer"], prepare.tokenizer_identity(tok)
+  theirs, ours = prepared.manifest["tokenizer"], records.tokenizer_identity(tok)
   if theirs != ours:
     differ = ", ".join(k for k in sorted(ours) if theirs.get(k) != ours[k])
     raise ValueError(f"data.tokenizer: {tok.name} ({tok.vocab_size} ids) is not the tokenizer "
@@ -92,10 +99,41 @@ class _Decode:
   """An ArrayRecord record (one document's ids) -> {"tokens": int32 [n]}."""
 
   def __init__(self, dtype: np.dtype):
-    self.dtype = np.dtype(dtype).newbyteorder("<")
+    self.dtype = records.record_dtype(dtype)
 
   def __call__(self, record: bytes) -> dict[str, np.ndarray]:
-    return {"tokens": np.frombuffer(record, self.dtype).astype(np.int32)}
+    return {"tokens": records.decode(record, self.dtype)}
+
+
+class _NamedShards:
+  """grain's ArrayRecordDataSource over a split's shards, whose read errors name the shard
+  and the record (the reader's own say only a byte offset)."""
+
+  def __init__(self, paths: list[str], counts: list[int]):
+    self.source = grain.sources.ArrayRecordDataSource(paths)
+    self.paths, self.counts = paths, counts
+    self.starts = np.cumsum([0] + counts)
+    if self.starts[-1] != len(self.source):
+      raise records.ShardError(f"data.prepared: {os.path.dirname(paths[0])}: the shards hold "
+                               f"{len(self.source)} records, {records.MANIFEST} lists "
+                               f"{self.starts[-1]}; re-run its moex.data.prepare command")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> bytes:
+    try:
+      return self.source[index]
+    except (RuntimeError, OSError, ValueError) as e:  # riegeli raises RuntimeError
+      shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+      reason = (str(e).splitlines() or [type(e).__name__])[0]
+      raise records.ShardError(
+          f"data.prepared: {self.paths[shard]}: record {index - self.starts[shard]} of "
+          f"{self.counts[shard]} is unreadable ({reason}); re-prepare it (delete the shard "
+          f"and re-run its moex.data.prepare command)") from None
+
+  def __repr__(self) -> str:  # grain logs its sources by repr
+    return f"_NamedShards({self.paths!r})"
 
 
 class _Row:
@@ -115,7 +153,9 @@ def documents(prepared: Prepared, split: str) -> grain.MapDataset:
   if not paths:
     raise ValueError(f"data.prepared: {prepared.directory} has no {split} documents"
                      + (" (prepared with --val_fraction=0?)" if split == "val" else ""))
-  source = grain.sources.ArrayRecordDataSource(paths)
+  counts = [s["documents"] for s in prepared.manifest["shards"]
+            if s["split"] == split and s["documents"] > 0]
+  source = _NamedShards(paths, counts)
   return grain.MapDataset.source(source).map(_Decode(prepared.dtype))
 
 
