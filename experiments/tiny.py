@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # model directory, or WORKDIR/tokenizer of an earlier run). See moex/data/tokenizer.py.
   d.tokenizer = "byte"
   d.val_fraction = 0.05  # Share of files (chosen by path hash) held out for evaluation.
-  d.cache_dir = ""  # Token cache; "" = $MOEX_CACHE_DIR or ~/.cache/moex/tokens.
+  d.cache_dir = ""  # Token cache; "" = $MOEX_CACHE_DIR/tokens (default ~/.cache/moex).
   d.seq_len = 256  # Tokens per training sequence L.
   d.batch_size = 16  # Global batch B, in sequences; divisible by the process count.
   d.eval_batches = 8  # Validation batches per evaluation (the same ones every time).

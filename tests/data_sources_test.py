@@ -156,7 +156,7 @@ def test_tokenized_array_default_cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("MOEX_CACHE_DIR", str(tmp_path / "env_cache"))
   files = _tree(tmp_path / "src", 2)
   arr = sources.tokenized_array(files, tokenizer.ByteTokenizer(), "", "val")
-  assert pathlib.Path(arr.filename).parent == tmp_path / "env_cache"
+  assert pathlib.Path(arr.filename).parent == tmp_path / "env_cache" / "tokens"
   assert pathlib.Path(arr.filename).name.startswith("val-")
 
 

@@ -107,11 +107,10 @@ def split_files(
 
 
 def default_cache_dir() -> pathlib.Path:
-  """$MOEX_CACHE_DIR if set, else ~/.cache/moex/tokens."""
-  env = os.environ.get("MOEX_CACHE_DIR")
-  if env:
-    return pathlib.Path(env).expanduser()
-  return pathlib.Path("~/.cache/moex/tokens").expanduser()
+  """$MOEX_CACHE_DIR/tokens: MOEX_CACHE_DIR is moex's cache root (default ~/.cache/moex),
+  as in moex.train.flops (its cpu_peak.json)."""
+  root = os.environ.get("MOEX_CACHE_DIR") or "~/.cache/moex"
+  return pathlib.Path(root).expanduser() / "tokens"
 
 
 def _cache_key(
