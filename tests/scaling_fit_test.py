@@ -4,7 +4,7 @@ the Huber loss, bootstrap intervals, refusals."""
 import numpy as np
 import pytest
 
-from moex.scaling import fit, laws, plan
+from moex.scaling import fit, forms, laws, plan
 from moex.scaling.runs import RunPoint, ScalingError
 
 EPOCH = laws.PUBLISHED["epoch"]
@@ -65,7 +65,7 @@ def test_recovers_the_joint_law_over_expansions():
   f = fit.fit(runs, bootstrap=0, keep=20)
   assert f.law.form == "ludziejewski"
   for e in (1.0, 8.0):  # the effective exponents and the loss of each family
-    le = np.log(laws.e_hat(e, fit.E_START, fit.E_MAX))
+    le = np.log(forms.e_hat(e, forms.E_START, forms.E_MAX))
     for base, slope in (("alpha", "gamma"), ("beta", "zeta")):
       got = f.law.coef[base] + f.law.coef[slope] * le
       want = LUD.coef[base] + LUD.coef[slope] * le

@@ -7,7 +7,10 @@
       [--write_config=experiments/planned.py --batch_size=512 --seq_len=2048]
 
 fit writes OUT.json (every fitted law; --law=fitted:OUT.json plans with it), OUT.md and
-the figures OUT_fit.png and OUT_isoflop.png. Every refusal is one line.
+the figures OUT_fit.png and OUT_isoflop.png. Every refusal (a bad flag, inf or nan among
+the numbers, no runs, a bad law file) is one line `moex.scaling: ...`, exit status 2.
+Interrupted, fit leaves the outputs it had written (re-run it); plan writes nothing but
+--write_config.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import sys
 
 from absl import app, flags
 
+from moex import cli
+
 SUBCOMMANDS = ("fit", "plan")
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Defined only when run as a program (several moex commands imported into one process,
   e.g. pytest, would otherwise define --config/--workdir twice)."""
   flags.DEFINE_string("runs", None, "fit: a workdir, a sweep root or a glob of them.")
@@ -47,9 +52,13 @@ def _define_flags() -> None:
 
 def run_fit(f) -> None:
   from moex.scaling import commands  # pylint: disable=g-import-not-at-top
+  from moex.scaling.runs import ScalingError  # pylint: disable=g-import-not-at-top
 
   if not f.runs:
-    raise app.UsageError("fit: give --runs")
+    raise ScalingError("fit: give --runs")
+  for name in ("bootstrap", "starts"):
+    if getattr(f, name) < 0:
+      raise ScalingError(f"--{name}: must be >= 0, got {getattr(f, name)}")
   out = f.out or (f.runs.rstrip("/") + "/scaling" if "*" not in f.runs else "scaling")
   result = commands.fit_runs(f.runs, out, f.holdout, f.bootstrap, f.seed, f.starts)
   print(commands.markdown(result))
@@ -61,7 +70,10 @@ def run_plan(f) -> None:
   from moex.scaling.runs import ScalingError  # pylint: disable=g-import-not-at-top
 
   if f.flops is None:
-    raise app.UsageError("plan: give --flops")
+    raise ScalingError("plan: give --flops")
+  for name in ("batch_size", "seq_len", "vocab_size"):
+    if getattr(f, name) <= 0:
+      raise ScalingError(f"--{name}: must be > 0, got {getattr(f, name)}")
   try:
     experts = tuple(float(e) for e in f.experts)
   except ValueError:
@@ -78,17 +90,11 @@ def run_plan(f) -> None:
     print(f"moex.scaling: wrote {f.write_config}")
 
 
-def main(argv):
-  from moex.scaling.runs import ScalingError  # pylint: disable=g-import-not-at-top
-
+def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError(f"usage: python -m moex.scaling {{{'|'.join(SUBCOMMANDS)}}} --flags")
-  try:
-    (run_fit if argv[1] == "fit" else run_plan)(flags.FLAGS)
-  except ScalingError as e:
-    sys.exit(f"moex.scaling: {e}")
+  (run_fit if argv[1] == "fit" else run_plan)(flags.FLAGS)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags, program="moex.scaling")

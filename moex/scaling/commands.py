@@ -16,7 +16,7 @@ import math
 import os
 
 from moex.scaling import fit as fit_lib
-from moex.scaling import figures, laws, plan
+from moex.scaling import figures, forms, laws, plan
 from moex.scaling.runs import RunPoint, ScalingError, read_runs
 
 HOLDOUTS = ("largest", "none")
@@ -54,6 +54,8 @@ def law_json(f: fit_lib.Fit) -> dict:
 
 
 def law_from_json(d: dict) -> laws.Law:
+  if d["form"] not in forms.FORMS:
+    raise KeyError(f"form {d['form']!r}")
   return laws.Law(d["name"], d["form"], dict(d["coef"]), d["source"],
                   {k: tuple(v) for k, v in d["ranges"].items()})
 
@@ -178,38 +180,52 @@ def load_law(name: str) -> laws.Law:
     with open(path) as f:
       result = json.load(f)
     entry = result["laws"][which or result["main"]]
+    return law_from_json(entry)
   except (OSError, ValueError) as e:
     raise ScalingError(f"--law={name}: cannot read {path}: {e}") from None
-  except KeyError as e:
+  except (KeyError, TypeError) as e:
     raise ScalingError(f"--law={name}: {path} has no law {e} (not a moex.scaling fit?)") from None
-  return law_from_json(entry)
 
 
-def describe(p: plan.Plan, law: laws.Law) -> str:
-  e = f", E {p.experts:g}" if law.moe else ""
-  g = f", G {p.granularity:g}" if law.form == "krajewski" else ""
-  return (f"N_active {p.n_active:.3g}, N_total {p.n_total:.3g}{e}{g}, D {p.tokens:.3g} tokens "
+def describe(p: plan.Allocation, law: laws.Law) -> str:
+  moe = law.unit.describe(p.experts, p.granularity)
+  return (f"N_active {p.n_active:.3g}, N_total {p.n_total:.3g}{moe}, D {p.tokens:.3g} tokens "
           f"({p.tokens / p.n_active:.1f}/param), loss {p.loss:.4f}, training {p.train_flops:.3g}"
           f" FLOPs" + (f" + inference {p.inference_flops:.3g} = {p.total_flops:.3g}"
                        if p.inference_flops else ""))
 
 
+def _finite(flag: str, value: float, low: float, strict: bool) -> None:
+  """Refuses a float flag that is inf, nan or below `low` (or at it, when `strict`)."""
+  if not (math.isfinite(value) and (value > low if strict else value >= low)):
+    raise ScalingError(f"--{flag}: must be a finite number {'>' if strict else '>='} "
+                       f"{low:g}, got {value}")
+
+
+def check_plan_flags(flops: float, inference_tokens: float, memory_gb: float,
+                     bytes_per_param: float, experts: tuple[float, ...]) -> None:
+  """Every float of the plan command finite and in range, refused in one line."""
+  _finite("flops", flops, 0, strict=True)
+  _finite("inference_tokens", inference_tokens, 0, strict=False)
+  _finite("memory_gb", memory_gb, 0, strict=False)
+  _finite("bytes_per_param", bytes_per_param, 0, strict=True)
+  if not experts or not all(math.isfinite(e) and e >= 1 for e in experts):
+    raise ScalingError(f"--experts: must be finite numbers >= 1, got "
+                       f"{','.join(f'{e:g}' for e in experts)}")
+
+
 def plan_budget(law_name: str, flops: float, inference_tokens: float = 0.0,
                 memory_gb: float = 0.0, bytes_per_param: float = 2.0,
-                experts: tuple[float, ...] = plan.EXPERTS) -> tuple[str, plan.Plan]:
-  """The plan command's text and the compute-optimal plan."""
-  if inference_tokens < 0 or memory_gb < 0:
-    raise ScalingError("--inference_tokens and --memory_gb: must be >= 0")
+                experts: tuple[float, ...] = plan.EXPERTS) -> tuple[str, plan.Allocation]:
+  """The plan command's text and the compute-optimal allocation."""
+  check_plan_flags(flops, inference_tokens, memory_gb, bytes_per_param, experts)
   law = load_law(law_name)
-  if law.form == "ludziejewski" and "e" in law.ranges:
-    low, high = law.ranges["e"]
-    experts = tuple(e for e in experts if low <= e <= high) or experts
   best, each = plan.compute_optimal(law, flops, experts, memory_gb * 2**30, bytes_per_param)
   lines = [f"law {law.name}: {law.source}", f"budget {flops:.3g} training FLOPs" +
            (f", memory {memory_gb:g} GiB at {bytes_per_param:g} bytes/parameter"
             if memory_gb else "")]
   if len(each) > 1:
-    lines += ["optimum per " + ("G" if law.form == "krajewski" else "E") + ":"]
+    lines += [f"optimum per {law.unit.choice}:"]
     lines += ["  " + describe(p, law) for p in each]
   lines.append("compute-optimal: " + describe(plan.with_inference(law, best, inference_tokens),
                                               law))
@@ -224,7 +240,7 @@ def plan_budget(law_name: str, flops: float, inference_tokens: float = 0.0,
   return "\n".join(lines), best
 
 
-def experiment_config(p: plan.Plan, law: laws.Law, batch_size: int, seq_len: int,
+def experiment_config(p: plan.Allocation, law: laws.Law, batch_size: int, seq_len: int,
                       vocab_size: int, command: str) -> str:
   """A moex experiment file training the plan: widths and depth for its active parameters
   (moex's count), steps for the batch, experts for its E (top-1) or G (top-G of 64 G)."""

@@ -6,11 +6,16 @@ delta = 1e-3, by L-BFGS from every point of a grid of starts (alpha, beta in {0,
 e in {-1, -0.5, ..., 1}, a, b in {0, 5, ..., 25}), keeping the best; A = exp(a), B = exp(b),
 E = exp(e). By default the whole grid is evaluated at once and L-BFGS runs from its 100 best
 points (fit's `keep`; 0 = from all 4,500, as the papers). Both laws here are a
-log-sum-exp of terms linear in their parameters, so one engine (lse_fit) fits either:
+log-sum-exp of terms linear in their parameters, so one engine (lse_fit) fits either; each
+form (moex.scaling.forms) gives its designs, starts and coefficients:
 
   chinchilla    terms [a - alpha log N], [b - beta log D], [e]
   ludziejewski  [log a + delta lnÊ + (alpha + gamma lnÊ) log N],
                 [log b + omega lnÊ + (beta + zeta lnÊ) log D], [log c]  (alpha, beta < 0)
+
+Arrays here are indexed by runs, fit parameters, terms and starts. Every capital letter
+already means something in moex's tensors (WORKSPACE.md, Layout), so these name their axes
+in words: `terms_by_run` is [runs, terms], `terms_by_start` [starts, runs, terms].
 
 Confidence intervals: the fit repeated on bootstrap resamples of the runs (with
 replacement), percentile intervals of every coefficient.
@@ -27,7 +32,7 @@ import re
 import numpy as np
 from scipy import optimize
 
-from moex.scaling import laws
+from moex.scaling import forms, laws
 from moex.scaling.runs import RunPoint, ScalingError
 
 HUBER_DELTA = 1e-3
@@ -38,27 +43,26 @@ LBFGS_OPTIONS = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000}
 GRID = {"a": np.arange(0, 30, 5.0), "alpha": np.arange(0, 2.5, 0.5),
         "b": np.arange(0, 30, 5.0), "beta": np.arange(0, 2.5, 0.5),
         "e": np.arange(-1, 1.5, 0.5)}
-# Clark et al.'s saturation constants, as Ludziejewski et al. use them.
-E_START, E_MAX = 2.0732, 290.4521
 
 
-def lse_objective(theta: np.ndarray, designs: list[np.ndarray], log_loss: np.ndarray,
-                  delta: float) -> tuple[float, np.ndarray]:
+def lse_objective(theta: np.ndarray, designs: tuple[np.ndarray, list[tuple[int, int]]],
+                  log_loss: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
   """Sum of Huber(LSE_k(X_k theta_k) - log L) and its gradient in theta.
 
-  Written for speed (it runs thousands of times per fit): `designs` is (X_RxP, slices),
-  X the column-stacked designs of the terms, slices their column ranges."""
-  x_RxP, slices = designs
-  prod_RxP = x_RxP * theta
-  terms_RxK = np.stack([prod_RxP[:, lo:hi].sum(1) for lo, hi in slices], 1)
-  top_R = terms_RxK.max(1)
-  exp_RxK = np.exp(terms_RxK - top_R[:, None])
-  total_R = exp_RxK.sum(1)
-  r_R = top_R + np.log(total_R) - log_loss
-  a_R = np.abs(r_R)
-  value = np.where(a_R <= delta, 0.5 * r_R * r_R, delta * (a_R - 0.5 * delta)).sum()
-  weights_RxK = exp_RxK * (np.clip(r_R, -delta, delta) / total_R)[:, None]
-  grad = np.concatenate([weights_RxK[:, k] @ x_RxP[:, lo:hi] for k, (lo, hi) in
+  Written for speed (it runs thousands of times per fit): `designs` is (x, slices), x the
+  column-stacked designs of the terms ([runs, parameters]), slices their column ranges."""
+  x, slices = designs
+  product = x * theta  # [runs, parameters]
+  terms_by_run = np.stack([product[:, lo:hi].sum(1) for lo, hi in slices], 1)
+  top = terms_by_run.max(1)  # [runs]
+  exp_by_run = np.exp(terms_by_run - top[:, None])
+  total = exp_by_run.sum(1)
+  residual = top + np.log(total) - log_loss
+  size = np.abs(residual)
+  value = np.where(size <= delta, 0.5 * residual * residual,
+                   delta * (size - 0.5 * delta)).sum()
+  weights_by_run = exp_by_run * (np.clip(residual, -delta, delta) / total)[:, None]
+  grad = np.concatenate([weights_by_run[:, k] @ x[:, lo:hi] for k, (lo, hi) in
                          enumerate(slices)])
   return float(value), grad
 
@@ -113,14 +117,14 @@ def screen(designs: list[np.ndarray], log_loss: np.ndarray, starts: np.ndarray, 
   """The `keep` rows of `starts` with the lowest objective (all rows evaluated at once)."""
   if keep <= 0 or keep >= len(starts):
     return starts
-  x_RxP, slices = stacked(designs)
-  prod_SxRxP = x_RxP[None] * starts[:, None, :]
-  terms_SxRxK = np.stack([prod_SxRxP[..., lo:hi].sum(-1) for lo, hi in slices], -1)
-  top_SxR = terms_SxRxK.max(-1)
-  pred_SxR = top_SxR + np.log(np.exp(terms_SxRxK - top_SxR[..., None]).sum(-1))
-  a_SxR = np.abs(pred_SxR - log_loss)
-  value_S = np.where(a_SxR <= delta, 0.5 * a_SxR ** 2, delta * (a_SxR - 0.5 * delta)).sum(-1)
-  return starts[np.argsort(value_S, kind="stable")[:keep]]
+  x, slices = stacked(designs)
+  product = x[None] * starts[:, None, :]  # [starts, runs, parameters]
+  terms_by_start = np.stack([product[..., lo:hi].sum(-1) for lo, hi in slices], -1)
+  top = terms_by_start.max(-1)  # [starts, runs]
+  predicted = top + np.log(np.exp(terms_by_start - top[..., None]).sum(-1))
+  size = np.abs(predicted - log_loss)
+  value = np.where(size <= delta, 0.5 * size ** 2, delta * (size - 0.5 * delta)).sum(-1)
+  return starts[np.argsort(value, kind="stable")[:keep]]
 
 
 def lse_fit(designs: list[np.ndarray], log_loss: np.ndarray, starts: np.ndarray,
@@ -142,43 +146,6 @@ def grid_starts(grid: dict[str, np.ndarray] = GRID) -> np.ndarray:
   """Every combination of the grid as chinchilla theta rows (a, alpha, b, beta, e)."""
   keys = ("a", "alpha", "b", "beta", "e")
   return np.array(list(itertools.product(*(grid[k] for k in keys))), float)
-
-
-def chinchilla_designs(n: np.ndarray, d: np.ndarray) -> list[np.ndarray]:
-  ones = np.ones_like(n)
-  return [np.stack([ones, -np.log(n)], 1), np.stack([ones, -np.log(d)], 1), ones[:, None]]
-
-
-def chinchilla_coef(theta: np.ndarray) -> dict[str, float]:
-  a, alpha, b, beta, e = theta
-  return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
-          "alpha": float(alpha), "beta": float(beta)}
-
-
-def chinchilla_theta(c: dict[str, float]) -> np.ndarray:
-  return np.array([np.log(c["A"]), c["alpha"], np.log(c["B"]), c["beta"], np.log(c["E"])])
-
-
-def joint_designs(n: np.ndarray, d: np.ndarray, e: np.ndarray) -> list[np.ndarray]:
-  ones, le = np.ones_like(n), np.log(laws.e_hat(e, E_START, E_MAX))
-  return [np.stack([ones, le, np.log(n), le * np.log(n)], 1),
-          np.stack([ones, le, np.log(d), le * np.log(d)], 1), ones[:, None]]
-
-
-JOINT_KEYS = ("a", "delta", "alpha", "gamma", "b", "omega", "beta", "zeta", "c")
-
-
-def joint_coef(theta: np.ndarray) -> dict[str, float]:
-  c = dict(zip(JOINT_KEYS, map(float, theta)))
-  c["a"], c["b"], c["c"] = np.exp(c["a"]), np.exp(c["b"]), np.exp(c["c"])
-  return {**{k: float(v) for k, v in c.items()}, "e_start": E_START, "e_max": E_MAX}
-
-
-def joint_starts(chinchilla_rows: np.ndarray) -> np.ndarray:
-  """Joint-law starts from chinchilla ones: no E dependence, exponents negated."""
-  a, alpha, b, beta, e = chinchilla_rows.T
-  zero = np.zeros_like(a)
-  return np.stack([a, zero, -alpha, zero, b, zero, -beta, zero, e], 1)
 
 
 @dataclasses.dataclass
@@ -209,12 +176,8 @@ def fit_theta(runs: list[RunPoint], form: str, starts: np.ndarray, delta: float,
               keep: int = 0) -> tuple[np.ndarray, float]:
   """The law's parameters fitted from the `keep` best of `starts` (0: all of them)."""
   n, d, e, y = _arrays(runs)
-  designs = chinchilla_designs(n, d) if form == "chinchilla" else joint_designs(n, d, e)
+  designs = forms.FORMS[form].designs(n, d, e)
   return lse_fit(designs, y, screen(designs, y, starts, keep, delta), delta)
-
-
-def coef_of(theta: np.ndarray, form: str) -> dict[str, float]:
-  return chinchilla_coef(theta) if form == "chinchilla" else joint_coef(theta)
 
 
 def ranges_of(runs: list[RunPoint]) -> dict[str, tuple[float, float]]:
@@ -234,15 +197,13 @@ def fit(runs: list[RunPoint], name: str = "fitted", bootstrap: int = 200, seed: 
   resample starts from the point estimate and its own `bootstrap_keep` best grid points.
   """
   form = form_of(runs)
-  need = 5 if form == "chinchilla" else 9
-  if len(runs) < need:
-    raise ScalingError(f"fit: {len(runs)} runs for the {need}-coefficient {form} law; give "
-                       f"at least {need}")
-  starts = grid_starts(grid)
-  if form != "chinchilla":
-    starts = joint_starts(starts)
+  unit = forms.FORMS[form]
+  if len(runs) < unit.coefficients:
+    raise ScalingError(f"fit: {len(runs)} runs for the {unit.coefficients}-coefficient {form} "
+                       f"law; give at least {unit.coefficients}")
+  starts = unit.starts(grid_starts(grid))
   theta, objective = fit_theta(runs, form, starts, delta, keep)
-  law = laws.Law(name, form, coef_of(theta, form), f"fitted to {len(runs)} moex runs",
+  law = laws.Law(name, form, unit.coef_of(theta), f"fitted to {len(runs)} moex runs",
                  ranges_of(runs))
   ci = bootstrap_ci(runs, form, theta, starts, bootstrap, seed, delta, bootstrap_keep)
   return Fit(law, ci, runs, objective, bootstrap)
@@ -259,9 +220,9 @@ def bootstrap_ci(runs: list[RunPoint], form: str, theta: np.ndarray, starts: np.
   for _ in range(samples):
     sample = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
     n, d, e, y = _arrays(sample)
-    designs = chinchilla_designs(n, d) if form == "chinchilla" else joint_designs(n, d, e)
+    designs = forms.FORMS[form].designs(n, d, e)
     rows = np.vstack([theta, screen(designs, y, starts, keep, delta)])
-    coefs.append(coef_of(lse_fit(designs, y, rows, delta)[0], form))
+    coefs.append(forms.FORMS[form].coef_of(lse_fit(designs, y, rows, delta)[0]))
   tail = (1 - level) / 2 * 100
   return {k: (float(np.percentile([c[k] for c in coefs], tail)),
               float(np.percentile([c[k] for c in coefs], 100 - tail)))

@@ -1,24 +1,19 @@
-"""Scaling-law forms and their published coefficients: the one place they are written down.
+"""Published laws and their coefficients: the one place they are written down.
 
 Every law predicts the final loss (nats per token, on its authors' data and tokenizer) from
 the active parameters N, the training tokens D and, for MoE laws, the expansion E (total
 over active routed-expert parameters; 1 = dense) or the granularity G (dense FFN width over
-expert width). Sources (shared/REFERENCES.md lists the same numbers):
+expert width). A law is a form (moex.scaling.forms: the loss, parameters, FLOPs and
+candidates of each) plus coefficients. Sources (shared/REFERENCES.md lists the same numbers):
 
-  chinchilla    Hoffmann et al. 2022 (arXiv 2203.15556), approach 3:
-                L = E + A/N^alpha + B/D^beta; C = 6 N D.
+  chinchilla    Hoffmann et al. 2022 (arXiv 2203.15556), approach 3 (chinchilla form).
   epoch         Besiroglu et al. 2024 (arXiv 2404.10102), the refit of approach 3 on the
-                data recovered from Hoffmann et al.'s figure; same form.
-  krajewski     Krajewski et al. 2024 (arXiv 2402.07871), E = 64:
-                L = c + (g/G^gamma + a)/N^alpha + b/D^beta with N the total parameters;
-                FLOPs per token per block 12 d^2 c_f + d E G c_r (c_f 6, c_r 14) with
-                d_model = 64 n_blocks (their compute-optimal tables' accounting, krajewski_flops).
-  ludziejewski  Ludziejewski et al. 2025 (arXiv 2502.05172):
-                L = a Ê^delta N^(alpha + gamma ln Ê) + b Ê^omega D^(beta + zeta ln Ê) + c,
-                Ê from E by Clark et al.'s saturation; C = 6 N_act D.
+                data recovered from Hoffmann et al.'s figure; the chinchilla form.
+  krajewski     Krajewski et al. 2024 (arXiv 2402.07871), the E = 64 fit (krajewski form).
+  ludziejewski  Ludziejewski et al. 2025 (arXiv 2502.05172), the joint MoE law.
 
 Fitted laws (moex.scaling.fit) use the chinchilla form per family or the ludziejewski form
-over families with different E, and the same FLOPs convention C = 6 N D.
+over families with different E.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-FORMS = ("chinchilla", "krajewski", "ludziejewski")
+from moex.scaling import forms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,76 +35,24 @@ class Law:
   """
 
   name: str
-  form: str
+  form: str  # a key of forms.FORMS
   coef: dict[str, float]
   source: str
   ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
-  def loss(self, n, d, e=1.0, g=1.0) -> np.ndarray:
-    """Predicted loss at active parameters `n`, tokens `d`, expansion `e`, granularity `g`.
+  @property
+  def unit(self) -> forms.Form:
+    """The law's form: what it computes and how the planner uses it."""
+    return forms.FORMS[self.form]
 
-    (krajewski: `n` is the total parameter count, as in the paper, and `e` is fixed at 64.)
-    """
-    n, d = np.asarray(n, float), np.asarray(d, float)
-    if self.form == "chinchilla":
-      return chinchilla_loss(self.coef, n, d)
-    if self.form == "krajewski":
-      return krajewski_loss(self.coef, n, d, np.asarray(g, float))
-    return ludziejewski_loss(self.coef, n, d, np.asarray(e, float))
+  def loss(self, n, d, e=1.0, g=1.0) -> np.ndarray:
+    """Predicted loss at `n` parameters (as the form counts N: active, or krajewski's total),
+    tokens `d`, expansion `e`, granularity `g`."""
+    return self.unit.loss(self.coef, np.asarray(n, float), np.asarray(d, float), e, g)
 
   @property
   def moe(self) -> bool:
-    return self.form != "chinchilla"
-
-
-def chinchilla_loss(c: dict[str, float], n, d):
-  """Hoffmann et al.'s L = E + A/N^alpha + B/D^beta."""
-  return c["E"] + c["A"] / n ** c["alpha"] + c["B"] / d ** c["beta"]
-
-
-def krajewski_loss(c: dict[str, float], n, d, g):
-  """Krajewski et al.'s L = c + (g/G^gamma + a)/N^alpha + b/D^beta (N total parameters)."""
-  return c["c"] + (c["g"] / g ** c["gamma"] + c["a"]) / n ** c["alpha"] + c["b"] / d ** c["beta"]
-
-
-def e_hat(e, e_start: float, e_max: float):
-  """Clark et al.'s saturating expansion: 1/Ê = 1/(E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max.
-
-  Ê(1) = E_start; Ê -> E_max as E grows."""
-  e = np.asarray(e, float)
-  return 1.0 / (1.0 / (e - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
-
-
-def ludziejewski_loss(c: dict[str, float], n, d, e):
-  """Ludziejewski et al.'s joint law (the exponents alpha, beta are negative as published)."""
-  le = np.log(e_hat(e, c["e_start"], c["e_max"]))
-  first = c["a"] * np.exp(c["delta"] * le) * n ** (c["alpha"] + c["gamma"] * le)
-  second = c["b"] * np.exp(c["omega"] * le) * d ** (c["beta"] + c["zeta"] * le)
-  return first + second + c["c"]
-
-
-# Krajewski et al.'s FLOPs accounting (their compute-optimal section): per token per block
-# 12 d^2 c_f (attention 4 d^2 + the active FFN 8 d^2, c_f = 6 FLOPs per weight for forward
-# and backward) + d E G c_r (the router, c_r = 14), with d_model = 64 n_blocks.
-KRAJEWSKI_CF, KRAJEWSKI_CR, KRAJEWSKI_ASPECT = 6.0, 14.0, 64.0
-
-
-def krajewski_shape(n_active):
-  """(n_blocks, d_model) of a model with `n_active` = 12 d^2 n_blocks, d = 64 n_blocks."""
-  blocks = (np.asarray(n_active, float) / (12 * KRAJEWSKI_ASPECT ** 2)) ** (1 / 3)
-  return blocks, KRAJEWSKI_ASPECT * blocks
-
-
-def krajewski_total(n_active, e: float = 64.0):
-  """Total parameters (the law's N): n_blocks (4 d^2 attention + E x 8 d^2 experts)."""
-  blocks, d = krajewski_shape(n_active)
-  return blocks * d * d * (4 + 8 * e)
-
-
-def krajewski_flops(n_active, tokens, g, e: float = 64.0):
-  """Training FLOPs: n_blocks (12 d^2 c_f + d E G c_r) D."""
-  blocks, d = krajewski_shape(n_active)
-  return blocks * (12 * d * d * KRAJEWSKI_CF + d * e * g * KRAJEWSKI_CR) * np.asarray(tokens, float)
+    return self.unit.moe
 
 
 PUBLISHED = {

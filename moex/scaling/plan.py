@@ -1,9 +1,10 @@
 """Planning a compute budget with a law: compute-optimal and inference-aware optima.
 
 Compute-optimal: the (N, D[, E or G]) of least predicted loss whose training FLOPs equal the
-budget C (chinchilla, epoch, ludziejewski, fitted: C = 6 N D; krajewski: its own per-block
-count, laws.krajewski_flops). Over E (ludziejewski) or G (krajewski) the optimum is taken
-over the candidate values; a memory budget caps the total parameters (bytes_per_param each).
+budget C (each law's form counts its FLOPs: C = 6 N D, or krajewski's per-block count).
+Over the form's candidate (E, G) pairs (E for ludziejewski, G for krajewski) the optimum is
+taken; a memory budget caps the total parameters (bytes_per_param each). Nothing here asks
+which form a law has: moex.scaling.forms answers for each.
 
 Inference-aware (Sardana et al. 2024): at the compute-optimal plan's loss, the (N, D) that
 minimizes training FLOPs + inference FLOPs (2 N per served token, a third of training's
@@ -15,20 +16,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 from scipy import optimize
 
 from moex.scaling import laws
+from moex.scaling.forms import LOG_N
 from moex.scaling.runs import ScalingError
 
 EXPERTS = (1, 2, 4, 8, 16, 32, 64)  # expansion E candidates of the joint law
-GRANULARITIES = (1, 2, 4, 8, 16, 32, 64)  # G candidates of Krajewski et al.'s law
-FFN_SHARE = 2 / 3  # of a transformer's active parameters: FFN 8 d^2 of 12 d^2 per block
-LOG_N = (math.log(1e3), math.log(1e15))  # the search range of active parameters
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Allocation:
   """One allocation of a training budget and what the law predicts for it."""
 
   n_active: float
@@ -47,16 +45,12 @@ class Plan:
 
 def total_params(law: laws.Law, n_active, e: float):
   """Stored parameters of a model with `n_active` active ones at expansion `e`."""
-  if law.form == "krajewski":
-    return laws.krajewski_total(n_active, e)
-  return n_active * (1 + (e - 1) * FFN_SHARE)
+  return law.unit.total_params(n_active, e)
 
 
 def train_flops(law: laws.Law, n_active, tokens, e: float, g: float):
   """The law's training FLOPs convention."""
-  if law.form == "krajewski":
-    return laws.krajewski_flops(n_active, tokens, g, e)
-  return 6.0 * np.asarray(n_active) * np.asarray(tokens)
+  return law.unit.train_flops(n_active, tokens, e, g)
 
 
 def tokens_for(law: laws.Law, n_active: float, flops: float, e: float, g: float) -> float:
@@ -65,31 +59,25 @@ def tokens_for(law: laws.Law, n_active: float, flops: float, e: float, g: float)
 
 
 def predicted(law: laws.Law, n_active, tokens, e: float, g: float):
-  """The law's loss; krajewski's N is the total parameter count."""
-  n = total_params(law, n_active, e) if law.form == "krajewski" else n_active
-  return law.loss(n, tokens, e, g)
+  """The law's loss at `n_active` active parameters (krajewski counts its N as the total)."""
+  return law.unit.loss_at(law.coef, n_active, tokens, e, g)
 
 
 def _n_bound(law: laws.Law, e: float, memory_bytes: float, bytes_per_param: float) -> float:
   """log of the largest active N whose total parameters fit the memory budget."""
   if memory_bytes <= 0:
     return LOG_N[1]
-  per_active = float(total_params(law, 1e9, e)) / 1e9 if law.form != "krajewski" else None
-  if per_active is not None:
-    return math.log(memory_bytes / bytes_per_param / per_active)
-  f = lambda x: math.log(float(laws.krajewski_total(math.exp(x), e)) * bytes_per_param
-                         / memory_bytes)
-  return optimize.brentq(f, *LOG_N)
+  return law.unit.max_log_active(e, memory_bytes / bytes_per_param)
 
 
-def at(law: laws.Law, n_active: float, flops: float, e: float, g: float) -> Plan:
+def at(law: laws.Law, n_active: float, flops: float, e: float, g: float) -> Allocation:
   d = tokens_for(law, n_active, flops, e, g)
-  return Plan(n_active, float(total_params(law, n_active, e)), d, e, g,
+  return Allocation(n_active, float(total_params(law, n_active, e)), d, e, g,
               float(predicted(law, n_active, d, e, g)), flops)
 
 
 def optimum_at(law: laws.Law, flops: float, e: float, g: float, memory_bytes: float = 0.0,
-               bytes_per_param: float = 2.0) -> Plan:
+               bytes_per_param: float = 2.0) -> Allocation:
   """The compute-optimal plan at fixed E and G (N bounded by the memory budget)."""
   high = min(LOG_N[1], _n_bound(law, e, memory_bytes, bytes_per_param))
   if high <= LOG_N[0]:
@@ -102,19 +90,15 @@ def optimum_at(law: laws.Law, flops: float, e: float, g: float, memory_bytes: fl
 
 def candidates(law: laws.Law, experts: tuple[float, ...]) -> list[tuple[float, float]]:
   """The (E, G) pairs a law chooses among."""
-  if law.form == "krajewski":
-    return [(64.0, float(g)) for g in GRANULARITIES]
-  if law.form == "chinchilla":
-    return [(1.0, 1.0)]
-  return [(float(e), 1.0) for e in experts]
+  return law.unit.candidates(experts, law.ranges)
 
 
 def compute_optimal(law: laws.Law, flops: float, experts: tuple[float, ...] = EXPERTS,
                     memory_bytes: float = 0.0, bytes_per_param: float = 2.0
-                    ) -> tuple[Plan, list[Plan]]:
+                    ) -> tuple[Allocation, list[Allocation]]:
   """The best plan over the law's (E, G) candidates, and the optimum at each of them."""
-  if not flops > 0:
-    raise ScalingError(f"--flops: must be positive, got {flops}")
+  if not (flops > 0 and math.isfinite(flops)):
+    raise ScalingError(f"--flops: must be positive and finite, got {flops}")
   plans = []
   for e, g in candidates(law, experts):
     try:
@@ -135,33 +119,33 @@ def tokens_for_loss(law: laws.Law, n_active: float, loss: float, e: float, g: fl
   return math.exp(optimize.brentq(f, low, high, xtol=1e-10)) if f(low) > 0 else math.exp(low)
 
 
-def inference_aware(law: laws.Law, best: Plan, inference_tokens: float) -> Plan:
+def inference_aware(law: laws.Law, best: Allocation, inference_tokens: float) -> Allocation:
   """Least training + inference FLOPs at `best`'s loss and E, G (Sardana et al.)."""
   e, g = best.experts, best.granularity
 
-  def plan(x: float) -> Plan:
+  def allocation(x: float) -> Allocation:
     n = math.exp(x)
     d = tokens_for_loss(law, n, best.loss, e, g)
     if not math.isfinite(d):
-      return Plan(n, math.inf, d, e, g, best.loss, math.inf, math.inf)
+      return Allocation(n, math.inf, d, e, g, best.loss, math.inf, math.inf)
     train = float(train_flops(law, n, d, e, g))
-    return Plan(n, float(total_params(law, n, e)), d, e, g, best.loss, train,
+    return Allocation(n, float(total_params(law, n, e)), d, e, g, best.loss, train,
                 train / 3.0 * inference_tokens / d)
 
-  cost = lambda x: min(plan(x).total_flops, 1e300)  # inf: N too small to reach the loss
+  cost = lambda x: min(allocation(x).total_flops, 1e300)  # inf: N too small to reach the loss
   res = optimize.minimize_scalar(lambda x: math.log(cost(x)),
                                  bounds=(math.log(best.n_active) - 8, math.log(best.n_active)),
                                  method="bounded", options={"xatol": 1e-6})
-  return plan(res.x)
+  return allocation(res.x)
 
 
-def with_inference(law: laws.Law, p: Plan, inference_tokens: float) -> Plan:
+def with_inference(law: laws.Law, p: Allocation, inference_tokens: float) -> Allocation:
   """`p` with the FLOPs of serving `inference_tokens` tokens added."""
   per_token = float(train_flops(law, p.n_active, 1.0, p.experts, p.granularity)) / 3.0
   return dataclasses.replace(p, inference_flops=per_token * inference_tokens)
 
 
-def range_warnings(law: laws.Law, p: Plan) -> list[str]:
+def range_warnings(law: laws.Law, p: Allocation) -> list[str]:
   """One line per plan value outside the ranges the law was fitted on."""
   values = {"n": ("active parameters", p.n_active), "d": ("training tokens", p.tokens),
             "e": ("expansion E", p.experts)}

@@ -36,7 +36,7 @@ def _round(x: float, unit: int) -> int:
   return max(unit, int(round(x / unit)) * unit)
 
 
-def shape(layers: int, p: plan.Plan, law: laws.Law) -> dict:
+def shape(layers: int, p: plan.Allocation, law: laws.Law) -> dict:
   """The model/moe fields of a `layers`-deep model for the plan."""
   head_dim = 128 if 64 * layers >= 1024 else 64
   d = _round(64 * layers, head_dim)
@@ -44,11 +44,11 @@ def shape(layers: int, p: plan.Plan, law: laws.Law) -> dict:
   s = {"d_model": d, "num_layers": layers, "head_dim": head_dim, "num_heads": d // head_dim,
        "num_kv_heads": d // head_dim, "d_ff": d_ff, "first_dense_layers": layers,
        "num_experts": 8, "top_k": 2, "d_expert": d_ff // 2}
-  if law.form == "krajewski":
-    g = int(p.granularity)
-    s.update(first_dense_layers=0, num_experts=64 * g, top_k=g, d_expert=_round(d_ff / g, 8))
-  elif law.moe and round(p.experts) > 1:
-    s.update(first_dense_layers=0, num_experts=int(round(p.experts)), top_k=1, d_expert=d_ff)
+  experts = law.unit.experts(p.experts, p.granularity)
+  if experts is not None:  # the form's MoE layers; d_ff is a multiple of 64 already
+    num_experts, top_k, granularity = experts
+    s.update(first_dense_layers=0, num_experts=num_experts, top_k=top_k,
+             d_expert=_round(d_ff / granularity, 8))
   return s
 
 
@@ -71,7 +71,7 @@ def active(s: dict, vocab_size: int, seq_len: int, base: ml_collections.ConfigDi
   return float(sum(c.active for c in flops.param_counts(cfg).values()))
 
 
-def shape_for(p: plan.Plan, law: laws.Law, vocab_size: int, seq_len: int) -> dict:
+def shape_for(p: plan.Allocation, law: laws.Law, vocab_size: int, seq_len: int) -> dict:
   """The shape whose active parameters are closest to the plan's (in ratio)."""
   best, gap, base = None, float("inf"), base_config()
   for layers in range(1, MAX_LAYERS + 1):
@@ -83,7 +83,7 @@ def shape_for(p: plan.Plan, law: laws.Law, vocab_size: int, seq_len: int) -> dic
 
 
 def render(s: dict, steps: int, batch_size: int, seq_len: int, vocab_size: int,
-           command: str, p: plan.Plan) -> str:
+           command: str, p: plan.Allocation) -> str:
   """The experiment file's text."""
   moe = s["first_dense_layers"] == 0
   lines = [
