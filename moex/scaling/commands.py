@@ -20,7 +20,7 @@ from moex.scaling import figures, forms, laws, plan
 from moex.scaling.runs import RunPoint, ScalingError, read_runs
 
 HOLDOUTS = ("largest", "none")
-LAW_NAMES = ("chinchilla", "epoch", "krajewski", "ludziejewski")
+LAW_NAMES = tuple(laws.PUBLISHED)  # the --law names (plus fitted:FILE)
 
 
 def families(points: list[RunPoint]) -> dict[str, list[RunPoint]]:
