@@ -73,6 +73,7 @@ def test_val_split_by_text_hash(tmp_path, bpe_dir):
   assert units == {0, 1, 2}  # each file is larger than shard_mb: a unit alone
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_to_identical_output(tmp_path):
   """A worker SIGKILLed mid-shard: the run fails in one line and leaves no finished-looking
   shard; re-running completes it, byte-identical to an uninterrupted in-process run."""
