@@ -57,6 +57,7 @@ def _main(tmp_path, *overrides, env=None):
                         cwd=str(config_lib.__file__).rsplit("/moex/", 1)[0], env=env)
 
 
+@pytest.mark.slow
 def test_main_exits_with_one_line_for_bad_value(tmp_path):
   r = _main(tmp_path, "--config.moe.top_k=9")
   assert r.returncode != 0
@@ -64,12 +65,14 @@ def test_main_exits_with_one_line_for_bad_value(tmp_path):
   assert last == "moex: config error: moe.top_k: 9 must be <= moe.num_experts=8"
 
 
+@pytest.mark.slow
 def test_main_exits_with_one_line_for_missing_data(tmp_path):
   r = _main(tmp_path, f"--config.data.source={tmp_path}/nothing/*.txt")
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1].startswith("moex: config error: data.source:")
 
 
+@pytest.mark.slow
 def test_main_exits_with_one_line_when_data_is_too_small(tmp_path):
   (tmp_path / "a.py").write_text("x = 1\n")
   (tmp_path / "b.py").write_text("y = 2\n")

@@ -46,6 +46,7 @@ def _hf_logits(model, tokens):
     return model(torch.tensor(np.asarray(tokens, np.int64))).logits.numpy()
 
 
+@pytest.mark.slow
 def test_import_finetune_export(tmp_path, tiny_config, bpe_dir):
   tok = tokenizer_lib.get_tokenizer(str(bpe_dir))
   torch.manual_seed(0)
@@ -110,6 +111,7 @@ def test_import_finetune_export(tmp_path, tiny_config, bpe_dir):
   assert float(np.max(np.abs(theirs - _hf_logits(ref, tokens)))) > 1e-3  # it was tuned
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path):
   r = _convert(f"--from_hf={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'w'}")
   assert r.returncode != 0

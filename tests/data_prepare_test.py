@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from data_text import write_jsonl_corpus
 from moex.data import preparing, records
 
@@ -21,6 +23,7 @@ def _files(directory) -> dict[str, bytes]:
   return {p.name: p.read_bytes() for p in sorted(pathlib.Path(directory).iterdir())}
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_to_identical_output(tmp_path):
   """A worker SIGKILLed mid-shard: the run fails in one line and leaves no finished-looking
   shard; re-running completes it, byte-identical to an uninterrupted in-process run."""

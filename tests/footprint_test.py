@@ -117,6 +117,7 @@ def _command(*args):
                         capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_the_command_prints_the_counts_and_bytes():
   r = _command("--devices=64", "--device_memory_gb=95")
   assert r.returncode == 0, r.stderr[-2000:]
@@ -139,6 +140,7 @@ def test_the_command_prints_the_counts_and_bytes():
                        "axes multiply to 8"),
     ([], "moex: flag error: --devices: needed to resolve mesh.fsdp=-1"),
 ])
+@pytest.mark.slow
 def test_a_bad_key_or_mesh_is_one_line(args, line):
   r = _command(*args)
   assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -108,6 +108,7 @@ def _run(module, *args):
                         text=True, timeout=300, env=env, cwd=str(ROOT))
 
 
+@pytest.mark.slow
 def test_command_on_an_imported_mixtral_prints_transformers_greedy_text(tmp_path, bpe_dir):
   tok = tokenizer_lib.get_tokenizer(str(bpe_dir))
   hub = _hub("mixtral", tmp_path / "hub", vocab_size=tok.vocab_size)
@@ -234,6 +235,7 @@ def test_refusals_name_the_reason(small, tmp_path):
     generate.read_prompts(["a", ""], None)
 
 
+@pytest.mark.slow
 def test_expert_parallel_decoding_gives_the_one_device_tokens():
   """tests/multidevice/generate_mesh.py on 8 simulated devices: expert=4 (batch 4: T*K = 8
   < E = 16, the gather path across ranks) and data=2 x expert=4 (batch 8, dropless)."""

@@ -234,6 +234,7 @@ def test_missing_files_and_wrong_shapes_name_the_file(tmp_path):
     _moex_logits(d, np.zeros((1, 8), np.int64))
 
 
+@pytest.mark.slow
 def test_import_onto_an_expert_parallel_mesh(tmp_path):
   """Each device reads only its experts; the logits are those of one device."""
   stdout, _ = multidevice_run.run("interop_mesh.py", timeout=600)

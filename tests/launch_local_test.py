@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here launches processes or devices
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
 

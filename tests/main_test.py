@@ -40,18 +40,21 @@ def _edited(tmp_path, old: str, new: str) -> pathlib.Path:
   return path
 
 
+@pytest.mark.slow
 def test_unknown_override_key_names_it_with_the_hint(tmp_path):
   last = _one_line(_main(tmp_path, "experiments/tiny.py", "--config.moe.capcity_factor=2"))
   assert last == ("moex: config error: --config.moe.capcity_factor: experiments/tiny.py has "
                   "no key moe.capcity_factor; did you mean moe.capacity_factor?")
 
 
+@pytest.mark.slow
 def test_unknown_override_section_names_it(tmp_path):
   last = _one_line(_main(tmp_path, "experiments/tiny.py", "--config.optt.b1=0.5"))
   assert last == ("moex: config error: --config.optt.b1: experiments/tiny.py has no key "
                   "optt; did you mean opt?")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["missing.py", "missing.py:variant"])
 def test_missing_config_file_names_it(tmp_path, name):
   path = tmp_path / name
@@ -60,6 +63,7 @@ def test_missing_config_file_names_it(tmp_path, name):
                   f"{tmp_path / 'missing.py'}")
 
 
+@pytest.mark.slow
 def test_config_file_syntax_error_names_file_and_line(tmp_path):
   path = _edited(tmp_path, "  c.seed = 0", "  c.seed = = 0")
   last = _one_line(_main(tmp_path, path))
@@ -67,6 +71,7 @@ def test_config_file_syntax_error_names_file_and_line(tmp_path):
   assert last == f"moex: config error: {path}:{line}: SyntaxError: invalid syntax"
 
 
+@pytest.mark.slow
 def test_config_file_raising_names_file_and_line(tmp_path):
   path = _edited(tmp_path, "  c.seed = 0", "  c.seed = 1 // 0")
   last = _one_line(_main(tmp_path, path))
@@ -75,6 +80,7 @@ def test_config_file_raising_names_file_and_line(tmp_path):
                  "modulo by zero"
 
 
+@pytest.mark.slow
 def test_config_file_without_get_config(tmp_path):
   path = tmp_path / "empty.py"
   path.write_text("x = 1\n")
@@ -82,6 +88,7 @@ def test_config_file_without_get_config(tmp_path):
   assert last == f"moex: config error: {path}: defines no get_config()"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", ["data", "opt"])
 def test_config_without_a_section_names_it(tmp_path, section):
   letter = {"data": "d", "opt": "o"}[section]
@@ -90,6 +97,7 @@ def test_config_without_a_section_names_it(tmp_path, section):
   assert last == f"moex: config error: {section}: missing section"
 
 
+@pytest.mark.slow
 def test_override_of_a_missing_section_names_it(tmp_path):
   path = _edited(tmp_path, "  c.opt = o = ", "  o = ")
   last = _one_line(_main(tmp_path, path, "--config.opt.b1=0.5"))

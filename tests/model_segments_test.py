@@ -326,6 +326,7 @@ def test_packed_train_step_and_accumulation():
   np.testing.assert_array_equal(m3["moe"]["expert_load"], m1["moe"]["expert_load"])
 
 
+@pytest.mark.slow
 def test_expert_parallel_packed_logits_match_one_device():
   """tests/multidevice/segments_mesh.py on 8 simulated devices: packed rows with masks on
   (expert=8), (data=2, expert=4) meshes give the one-device logits (to 1e-5 of their

@@ -12,6 +12,8 @@ import pytest
 
 import multidevice_run
 
+pytestmark = pytest.mark.slow  # every test here launches processes or devices
+
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "ep_equivalence.py"
 
 

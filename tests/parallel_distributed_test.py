@@ -56,6 +56,7 @@ def _start_pair():
   return procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
 def test_survivor_stops_within_seconds(how):
   survivor, victim = _start_pair()

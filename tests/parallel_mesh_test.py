@@ -74,6 +74,7 @@ def _main(tmp_path, *overrides, devices: int):
                         cwd=str(config_lib.__file__).rsplit("/moex/", 1)[0], env=env)
 
 
+@pytest.mark.slow
 def test_batch_must_divide_over_devices(tmp_path):
   r = _main(tmp_path, devices=3)
   assert r.returncode != 0
@@ -82,6 +83,7 @@ def test_batch_must_divide_over_devices(tmp_path):
       "the mesh")
 
 
+@pytest.mark.slow
 def test_bad_layouts_fail_before_compiling_with_one_line(tmp_path):
   cases = [
       (("--config.mesh.data=3",), "moex: config error: mesh: data=3 x fsdp=1 x expert=1 x "

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from report_workdir import write_workdir
 
 from moex import report
@@ -70,6 +72,7 @@ def test_report_of_a_run_with_many_experts(many_experts_workdir, tmp_path):
     assert f"]({name})" in md, name
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
   (tmp_path / "w").mkdir()
   workdir = write_workdir(tmp_path / "w")

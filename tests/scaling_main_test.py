@@ -80,6 +80,7 @@ def run_cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_fit_and_plan(sweep_root, tmp_path):
   out = str(tmp_path / "cli")
   r = run_cli("fit", f"--runs={sweep_root}", f"--out={out}", "--bootstrap=2", "--starts=5")
@@ -92,6 +93,7 @@ def test_cli_fit_and_plan(sweep_root, tmp_path):
   assert "inference-aware" in r.stdout and os.path.exists(config)
 
 
+@pytest.mark.slow
 def test_cli_refusal_is_one_line(tmp_path):
   r = run_cli("plan", "--flops=1e20", "--law=kaplan")
   assert r.returncode == 2  # a refusal (moex.cli.run)

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from report_workdir import write_workdir
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -29,6 +31,7 @@ def _sweep(tmp_path, *args):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_finished_variants_are_summarized_not_rerun(tmp_path):
   for v in ("a", "b"):
     os.makedirs(tmp_path / "root" / v)
@@ -42,6 +45,7 @@ def test_finished_variants_are_summarized_not_rerun(tmp_path):
     assert (tmp_path / "root" / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_failed_variant_stops_the_sweep_naming_its_log(tmp_path):
   r = _sweep(tmp_path, "--variants=broken,a")
   assert r.returncode != 0
@@ -50,6 +54,7 @@ def test_failed_variant_stops_the_sweep_naming_its_log(tmp_path):
   assert log.exists() and not (tmp_path / "root" / "a").exists()
 
 
+@pytest.mark.slow
 def test_replicate_seeds_train_in_their_own_workdirs(tmp_path):
   for v in ("a", "b"):
     os.makedirs(tmp_path / "root" / v)
@@ -63,6 +68,7 @@ def test_replicate_seeds_train_in_their_own_workdirs(tmp_path):
   assert r.stderr.count("already finished") == 3, r.stderr
 
 
+@pytest.mark.slow
 def test_replicate_seeds_are_summarized_over_seeds(tmp_path):
   for d in ("a", "b", "seed7/a", "seed7/b"):
     os.makedirs(tmp_path / "root" / d)
@@ -80,6 +86,7 @@ def test_bad_seeds_are_a_usage_error(tmp_path):
   assert r.returncode != 0 and "--seeds" in r.stderr.splitlines()[-1], r.stderr
 
 
+@pytest.mark.slow
 def test_trains_times_and_summarizes_a_variant(tiny_config, tmp_path):
   tiny_config.train.steps = 2
   tiny_config.train.eval_every = 2
@@ -99,6 +106,7 @@ def test_trains_times_and_summarizes_a_variant(tiny_config, tmp_path):
   assert "final validation" in (tmp_path / "root" / "dropless.log").read_text()
 
 
+@pytest.mark.slow
 def test_summarizes_a_run_with_many_experts(many_experts_workdir, tmp_path):
   """A finished E=256 variant (summarized per-expert lists) gets its row and routing figure."""
   (tmp_path / "root" / "a").mkdir(parents=True)
@@ -136,6 +144,7 @@ def _dependent(tmp_path, upcycle="{}", *args):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_variant_starts_from_its_init_from_source(tmp_path):
   os.makedirs(tmp_path / "root" / "a")
   write_workdir(tmp_path / "root" / "a", torn=False)
@@ -144,6 +153,7 @@ def test_a_variant_starts_from_its_init_from_source(tmp_path):
   assert f"--config.train.init_from={tmp_path / 'root' / 'a'}" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_an_upcycled_variant_is_upcycled_first_and_an_unfinished_source_stops(tmp_path):
   r = _dependent(tmp_path, '{"b": ["--method=drop"]}', "--variants=b")
   assert r.returncode != 0 and "starts from 'a', which has not finished" in r.stderr, r.stderr
@@ -157,12 +167,14 @@ def test_an_upcycled_variant_is_upcycled_first_and_an_unfinished_source_stops(tm
   assert "moex.upcycle: " in (root / "b.log").read_text()
 
 
+@pytest.mark.slow
 def test_an_init_from_source_must_come_first(tmp_path):
   r = _dependent(tmp_path, "{}", "--variants=b,a")
   assert r.returncode != 0 and "INIT_FROM['b'] = 'a' must be a variant listed before 'b'" in (
       r.stderr.splitlines()[-1]), r.stderr
 
 
+@pytest.mark.slow
 def test_continued_variants_are_compared_at_cumulative_training_flops(tmp_path):
   """b continues a: its curve starts at a's 30 steps of model FLOPs; the paired differences
   subtract the BASELINE (b)."""

@@ -80,6 +80,7 @@ def test_fine_tune_starts_at_step_0_from_the_source_then_resumes_its_own(source,
   assert not _init_lines(caplog)
 
 
+@pytest.mark.slow
 def test_fine_tune_on_another_mesh(source, tmp_path):
   """The source was trained on 1 device; the run reads it onto (fsdp=2, expert=2)."""
   a_dir, make, a_result = source

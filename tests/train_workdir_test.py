@@ -45,6 +45,7 @@ def test_second_run_on_a_held_workdir_refuses_naming_the_holder(tiny_config, tmp
   assert not os.path.exists(os.path.join(d, "lock"))  # Released.
 
 
+@pytest.mark.slow
 def test_main_refuses_a_held_workdir_in_one_line(tmp_path):
   d = tmp_path / "w"
   held = workdir.Lock(d).acquire()
@@ -60,6 +61,7 @@ def test_main_refuses_a_held_workdir_in_one_line(tmp_path):
   assert last.endswith(f"wait for it or remove {d}/lock if that process is gone"), last
 
 
+@pytest.mark.slow
 def test_main_on_a_workdir_that_is_a_file_is_one_line(tmp_path):
   f = tmp_path / "a_file"
   f.write_text("not a directory")

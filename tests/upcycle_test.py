@@ -318,6 +318,7 @@ def _run(*args):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_command_then_a_run_that_checkpoints_resumes_and_reports(tmp_path, corpus):  # ~30 s
   """A dense moex run -> python -m moex.upcycle -> moex training from it (step 0 = the dense
   model's last eval), stopped, resumed, reported."""
@@ -354,6 +355,7 @@ def test_command_then_a_run_that_checkpoints_resumes_and_reports(tmp_path, corpu
   assert "Routing health" in open(page).read()
 
 
+@pytest.mark.slow
 def test_command_errors_are_one_line(tmp_path):
   exp = tmp_path / "exp.py"
   exp.write_text("from experiments import tiny\ndef get_config(arg=None):\n"
