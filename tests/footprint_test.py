@@ -52,13 +52,16 @@ def _model_elements(cfg) -> dict[str, int]:
   return out
 
 
-def _tiny_with_every_part():
+def _tiny_with_every_part(qk_norm: str = "none"):
   cd = tiny.get_config()
   cd.model.first_dense_layers, cd.moe.num_shared_experts, cd.moe.d_shared = 1, 2, 64
+  cd.model.qk_norm = qk_norm
   return config_lib.validate(cd, vocab_size=259)
 
 
-@pytest.mark.parametrize("make", [_mixtral, _tiny_with_every_part], ids=["mixtral", "tiny"])
+@pytest.mark.parametrize("make", [
+    _mixtral, _tiny_with_every_part, lambda: _tiny_with_every_part("head"),
+    lambda: _tiny_with_every_part("full")], ids=["mixtral", "tiny", "tiny-qk-head", "tiny-qk-full"])
 def test_the_count_is_the_models_own(make):
   cfg = make()
   want = {k: c.total for k, c in flops.param_counts(cfg).items() if c.total}
