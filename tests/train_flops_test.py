@@ -9,6 +9,7 @@ from flax import nnx
 
 from experiments import tiny
 from moex import config as config_lib, footprint
+from moex.model import params
 from moex.model.decoder import Decoder
 from moex.train import flops
 
@@ -118,7 +119,7 @@ def _every_part(qk_norm: str):
 @pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
 def test_the_counts_agree_with_footprint_and_the_module(qk_norm):
   cfg = _every_part(qk_norm)
-  counts = flops.param_counts(cfg)
+  counts = params.counts(cfg)
   with nnx.use_eager_sharding(False):
     model = Decoder(cfg.model, cfg.moe, nnx.Rngs(0))
   own = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
