@@ -1,7 +1,12 @@
 """moex/generation/loading.py: a workdir's model for generation, and its one-line refusals."""
 
 import json
+import logging
+import pathlib
+import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import tiny
@@ -18,3 +23,41 @@ def test_refusals_name_the_reason(tmp_path):
   cfg = config_lib.validate(tiny.get_config())
   with pytest.raises(engine.GenerateError, match="^--mesh=expert: expected"):
     loading.parse_mesh("expert", cfg.mesh)
+
+
+def _truncate_largest_state_file(step_dir: pathlib.Path) -> None:
+  biggest = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and
+                 p.parent.name == "d"), key=lambda p: p.stat().st_size)
+  with open(biggest, "r+b") as f:
+    f.truncate(biggest.stat().st_size // 2)
+
+
+CORRUPTIONS = {
+    "missing_state_metadata": lambda d: (d / "state" / "_METADATA").unlink(),
+    "truncated_state_file": _truncate_largest_state_file,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_an_unreadable_newest_checkpoint_falls_back_with_one_warning(
+    many_experts_workdir, tmp_path, caplog, name):
+  """issue 25 #7: generation stopped at an unreadable newest checkpoint (training falls
+  back); now it uses the newest readable one, says so once, and moves nothing."""
+  workdir = tmp_path / "run"
+  shutil.copytree(many_experts_workdir, workdir)
+  ckpts = workdir / "checkpoints"
+  (old,) = [d.name for d in ckpts.iterdir() if d.name.isdigit()]
+  newer = ckpts / str(int(old) + 4)
+  shutil.copytree(ckpts / old, newer)
+  CORRUPTIONS[name](newer)
+  before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+  with caplog.at_level(logging.WARNING):
+    got = loading.load(str(workdir))
+  said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+          and "unreadable" in r.getMessage()]
+  assert len(said) == 1 and f"step {newer.name}" in said[0], said
+  assert f"step {old}" in said[0] and "\n" not in said[0], said
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+  want = loading.load(many_experts_workdir)
+  for a, b in zip(jax.tree.leaves(got[4]), jax.tree.leaves(want[4])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
