@@ -8,10 +8,10 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from moex.generation import engine, loading, sampling as sampling_lib
 from moex.generation.engine import GenerateError
-from moex.train import workdir as workdir_lib
 
 
 def read_prompts(texts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -29,7 +29,7 @@ def read_prompts(texts: Sequence[str], prompts_file: str | None) -> list[str]:
 
 
 def _file_lines(prompts_file: str) -> list[str]:
-  path = workdir_lib.path(prompts_file)
+  path = epath.Path(prompts_file)
   if not path.exists():
     raise GenerateError(f"--prompts_file={prompts_file}: no such file")
   if path.is_dir():

@@ -43,14 +43,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from moex import config as config_lib, errors
+from moex import config as config_lib, errors, workdir as workdir_lib
 from moex.config import Config, ConfigError
 from moex.model import params as params_lib
 from moex.parallel import mesh as mesh_lib
-from moex.train import init_from, loop, state as state_lib, workdir as workdir_lib
-
-RECORD = "upcycle.json"
-
+from moex.train import init_from, loop, state as state_lib
 
 class UpcycleError(ValueError, errors.Refusal):
   """A one-line reason the upcycling cannot proceed (not a config key: a flag or a path)."""
@@ -522,29 +519,26 @@ def _place(tree: dict, abstract: dict, what: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # The workdir flow (python -m moex.upcycle).
 
-def read_config(source: str) -> Config:
-  """The validated config.json of workdir `source`."""
-  path = workdir_lib.path(source) / "config.json"
-  if not path.exists():
-    raise UpcycleError(f"--from={source}: no config.json (not a moex workdir, or an import "
-                       "or upcycle that did not finish)")
+def read_config(source: workdir_lib.Workdir) -> Config:
+  """The validated config.json of the source workdir."""
+  if not source.has_config():
+    raise UpcycleError(f"--from={source.given}: no {workdir_lib.CONFIG} (not a moex workdir, "
+                       "or an import or upcycle that did not finish)")
   try:
-    cd = ml_collections.ConfigDict(json.loads(path.read_text()))
-  except ValueError as e:
-    raise UpcycleError(f"{path}: not JSON ({e})") from None
-  try:
-    return config_lib.validate(cd)
+    return source.validated(check_tokenizer=False)
   except ConfigError as e:
-    raise UpcycleError(f"{path}: {e}") from None
+    raise UpcycleError(f"{source.config_path}: {e}") from None
 
 
-def read_params(source: str, src: Config) -> tuple[dict, dict, str]:
-  """(params, buffers as numpy on the host, what was read) of workdir `source`."""
+def read_params(source: workdir_lib.Workdir, src: Config) -> tuple[dict, dict, str]:
+  """(params, buffers as numpy on the host, what was read) of the source workdir: params/
+  or its newest readable checkpoint."""
   one = dataclasses.replace(src.mesh, data=1, fsdp=1, expert=1, tensor=1)
   mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
   _, abs_p, abs_b = state_lib.abstract_variables(dataclasses.replace(src, mesh=one), mesh)
-  label = init_from.locate(source)[1]
-  params, buffers = init_from.load_params(source, abs_p, abs_b)
+  who = f"--from={source.given}"
+  label = source.weights(who).label
+  params, buffers = init_from.load_params(str(source.given), abs_p, abs_b, who=who)
   to_np = lambda x: np.asarray(jax.device_get(x))
   return jax.tree.map(to_np, params), jax.tree.map(to_np, buffers or {}), label
 
@@ -555,15 +549,15 @@ def upcycle(source: str, workdir: str, cd: ml_collections.ConfigDict,
   WORKDIR without it is an upcycle that did not finish, and running again replaces it);
   returns the target config and the record written to upcycle.json."""
   opts.check()
-  out = workdir_lib.path(workdir)
-  if (out / "config.json").exists():
-    raise UpcycleError(f"--workdir={workdir}: already holds a model or a run (config.json); "
-                       "pick a new directory")
+  out = workdir_lib.Workdir(workdir)
+  if out.has_config():
+    raise UpcycleError(f"--workdir={workdir}: already holds a model or a run "
+                       f"({workdir_lib.CONFIG}); pick a new directory")
   cfg, mesh = loop.prepare(cd)
-  where = f"{source}/config.json"
-  src = read_config(source)
-  g = check(src, cfg, opts.method, where)
-  src_params, src_buffers, label = read_params(source, src)
+  src_wd = workdir_lib.Workdir(source)
+  src = read_config(src_wd)
+  g = check(src, cfg, opts.method, f"{source}/{workdir_lib.CONFIG}")
+  src_params, src_buffers, label = read_params(src_wd, src)
   note = step0_note(src, cfg, opts.method)
   if note:
     logging.warning("upcycle: the step-0 model will differ from %s: %s", source, note)
@@ -572,15 +566,15 @@ def upcycle(source: str, workdir: str, cd: ml_collections.ConfigDict,
   del src_params
   placed_p, placed_b = _place(params, abs_p, "parameters"), _place(buffers, abs_b, "buffers")
   del params
-  workdir_lib.make(workdir)
+  out.make()
   init_from.save_params(workdir, placed_p, placed_b)
   record = {"method": opts.method, "options": dataclasses.asdict(opts), "source": source,
             "source_read": label, "seed": cfg.seed, "granularity": g,
             "moe_layers": list(cfg.model.moe_layers), "step0_same_as_source": note is None,
             "step0_note": note}
-  (out / RECORD).write_text(json.dumps(record, indent=2))
+  (out.path / workdir_lib.UPCYCLE).write_text(json.dumps(record, indent=2))
   resolved = cd.to_dict()
   resolved["model"]["vocab_size"] = cfg.model.vocab_size
   resolved["train"]["init_from"] = str(workdir)
-  (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str))  # last
+  out.write_config(resolved)  # last: the upcycle is complete
   return cfg, record
