@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from moex.config import Config, ModelConfig, MoEConfig
 from moex.model.decoder import Block, Decoder
@@ -109,7 +109,9 @@ def part_of(path: tuple[str, ...], model: ModelConfig) -> str:
 
 def _params(make) -> list[tuple[tuple[str, ...], nnx.Param]]:
   """(path, abstract nnx.Param) of every parameter of the module `make()` builds."""
-  with nnx.use_eager_sharding(False):  # no mesh here: the rules place parameters later
+  # No mesh, whatever the caller's context (the trainer's jax.set_mesh): nnx.eval_shape would
+  # read the logical axis names as mesh axes. The config's rules place parameters later.
+  with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
     module = nnx.eval_shape(make)
   return [(tuple(str(k) for k in path), var)
           for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))]
@@ -187,3 +189,31 @@ def structs(cfg: Config, mesh=None) -> dict[str, Any]:
     sh = None if mesh is None else NamedSharding(mesh, leaf.spec(cfg.mesh.rules, mesh))
     at[leaf.path[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
   return out
+
+
+# Workdirs written before 2026-12-02 store every norm scale as scale_D, the q/k norms' too
+# (now scale_A, scale_HA, scale_JA): the readers restore those under the old names.
+_QK_NORMS = ("q_norm", "k_norm")
+_OLD_SCALE = "scale_D"
+
+
+def has_old_names(keys) -> bool:
+  """Whether saved flat keys (tuples of strings) name a q/k-norm scale the old way."""
+  return any(len(k) >= 2 and k[-2] in _QK_NORMS and k[-1] == _OLD_SCALE for k in keys)
+
+
+def with_old_names(tree):
+  """`tree` (nested dicts, lists, tuples, NamedTuples) with its q/k-norm scales renamed to
+  the old scale_D; jax.tree.leaves keeps their order (a q/k norm holds one scale)."""
+
+  def walk(node, parent):
+    if isinstance(node, dict):
+      return {(_OLD_SCALE if parent in _QK_NORMS and str(k).startswith("scale_") else k):
+              walk(v, k) for k, v in node.items()}
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      return type(node)(*(walk(v, parent) for v in node))
+    if isinstance(node, (list, tuple)):
+      return type(node)(walk(v, parent) for v in node)
+    return node
+
+  return walk(tree, None)

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from moex.config import ConfigError
 from moex import workdir as workdir_lib
+from moex.model import params as params_lib
 from moex.train.checkpoint import CheckpointError, _quiet_abandoned_futures, _reason
 
 PARAMS = workdir_lib.PARAMS  # SOURCE/params/: the parameters-only checkpoint.
@@ -75,14 +76,18 @@ def load_params(source: str, abstract_params, abstract_buffers, who: str = "trai
   for w in wd.weight_sources(who, none):
     try:
       saved = _saved_shapes(w.path)
-      _check_shapes(saved, _flat_shapes(wanted), w.path, who)
-      restored = _restore(w.path, wanted)
+      # Checkpoints written before RMSNorm scales were named for their width: old keys.
+      target = params_lib.with_old_names(wanted) if params_lib.has_old_names(saved) else wanted
+      _check_shapes(saved, _flat_shapes(target), w.path, who)
+      restored = _restore(w.path, target)
     except _Unreadable as e:
       if w.step is None:  # params/ is the only source when it exists
         raise CheckpointError(f"{who}: cannot read {e.what}{w.path} ({e.reason})") from None
       skipped.append((w, e.reason))
       continue
     workdir_lib.warn_skipped(who, wd, skipped, w)
+    if target is not wanted:  # back under this moex's names
+      restored = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(restored))
     params, buffers = restored["params"], restored.get("buffers") or {}
     logging.info("init_from: %d parameters from %s (%s)", _size(params), source, w.label)
     return params, buffers
