@@ -25,16 +25,18 @@ def test_refusals_name_the_reason(tmp_path):
     loading.parse_mesh("expert", cfg.mesh)
 
 
-def _truncate_largest_state_file(step_dir: pathlib.Path) -> None:
-  biggest = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and
-                 p.parent.name == "d"), key=lambda p: p.stat().st_size)
-  with open(biggest, "r+b") as f:
-    f.truncate(biggest.stat().st_size // 2)
+def _truncate_state_files(step_dir: pathlib.Path) -> None:
+  """Every array data file cut in half (which file holds the parameters, rather than the
+  optimizer state generation never reads, depends on the write)."""
+  for p in (step_dir / "state").rglob("*"):
+    if p.is_file() and p.parent.name == "d":
+      with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size // 2)
 
 
 CORRUPTIONS = {
     "missing_state_metadata": lambda d: (d / "state" / "_METADATA").unlink(),
-    "truncated_state_file": _truncate_largest_state_file,
+    "truncated_state_files": _truncate_state_files,
 }
 
 
@@ -54,8 +56,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_with_one_warning(
   with caplog.at_level(logging.WARNING):
     got = loading.load(str(workdir))
   said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
-          and "unreadable" in r.getMessage()]
-  assert len(said) == 1 and f"step {newer.name}" in said[0], said
+          and r.getMessage().startswith(f"--workdir={workdir}: ")]  # moex's (orbax logs too)
+  assert len(said) == 1 and f"unreadable: step {newer.name}" in said[0], said
   assert f"step {old}" in said[0] and "\n" not in said[0], said
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
   want = loading.load(many_experts_workdir)
