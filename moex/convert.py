@@ -39,7 +39,8 @@ from moex import config as config_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.interop import hf
 from moex.parallel import mesh as mesh_lib
-from moex.train import checkpoint, init_from, loop, state as state_lib, workdir as workdir_lib
+from moex import workdir as workdir_lib
+from moex.train import checkpoint, init_from, loop, state as state_lib
 
 _DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "experiments", "tiny.py")

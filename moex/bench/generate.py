@@ -35,7 +35,8 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import tiny
-from moex import config as config_lib, generate
+from moex import config as config_lib
+from moex.generation import engine
 from moex.model.decoder import Decoder
 from moex.moe import dispatch
 from moex.parallel import mesh as mesh_lib
@@ -135,8 +136,8 @@ class Model:
     self.wb = weight_bytes(self.cfg, self.params)
 
   def generator(self, batch: int, cache_len: int, track_experts: bool = False
-                ) -> generate.Generator:
-    return generate.Generator(self.cfg, self.graphdef, self.params, self.buffers, self.mesh,
+                ) -> engine.Generator:
+    return engine.Generator(self.cfg, self.graphdef, self.params, self.buffers, self.mesh,
                               batch_size=batch, cache_len=cache_len,
                               track_experts=track_experts)
 
@@ -159,7 +160,7 @@ def measure_batch(models: list[Model], batch: int, bandwidth: float, prompt_len:
                   steps: int, repeats: int) -> list[dict]:
   """Every model at one batch size, runs interleaved (model after model, `repeats` rounds)
   so that a change in the machine's load falls on all of them alike."""
-  cache_len = generate.auto_cache_len([np.zeros(prompt_len)], steps + 1)
+  cache_len = engine.auto_cache_len([np.zeros(prompt_len)], steps + 1)
   rng = np.random.default_rng(0)
   vocab = models[0].cfg.model.vocab_size
   prompts = [rng.integers(0, vocab, prompt_len) for _ in range(batch)]
@@ -169,7 +170,7 @@ def measure_batch(models: list[Model], batch: int, bandwidth: float, prompt_len:
     with m.path():  # compiles the prefill and the decode step
       gens[m.name].generate(prompts, 2)
       experts[m.name] = m.experts_read(batch, cache_len, prompts, steps)
-    gens[m.name].timing = generate.Timing()
+    gens[m.name].timing = engine.Timing()
   prefill_s = {m.name: [] for m in models}
   for _ in range(repeats):
     for m in models:
@@ -187,7 +188,7 @@ def measure_batch(models: list[Model], batch: int, bandwidth: float, prompt_len:
   return rows
 
 
-def _row(m: Model, gen: generate.Generator, batch: int, prefill_s: float,
+def _row(m: Model, gen: engine.Generator, batch: int, prefill_s: float,
          experts_used: float, bandwidth: float, prompt_len: int, steps: int) -> dict:
   """Times and the memory-traffic bound of one model at one batch size."""
   cfg, t, wb = m.cfg, gen.timing, m.wb

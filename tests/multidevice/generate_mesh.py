@@ -3,7 +3,7 @@
 Prints one JSON line per mesh: whether its tokens equal the 1-device ones (batch 8), the
 largest relative difference of its generated positions' logits from a 1-device full forward
 pass, the MoE path a decode step takes there, and the expert weights' shard shape. Run by
-tests/generate_test.py with XLA_FLAGS=--xla_force_host_platform_device_count=8.
+tests/generation_engine_test.py with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
 import dataclasses
@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from experiments import tiny
-from moex import config as config_lib, generate
+from moex import config as config_lib
+from moex.generation import engine, loading
 from moex.model.decoder import Decoder
 from moex.moe import dispatch
 from moex.parallel import mesh as mesh_lib
@@ -39,14 +40,14 @@ def _cfg(mesh_text: str = "") -> config_lib.Config:
                   head_dim=8, d_ff=48, init_std=0.3)
   cd.moe.update(num_experts=16, top_k=2, d_expert=16)
   cfg = config_lib.validate(cd)
-  return dataclasses.replace(cfg, mesh=generate.parse_mesh(mesh_text, cfg.mesh))
+  return dataclasses.replace(cfg, mesh=loading.parse_mesh(mesh_text, cfg.mesh))
 
 
 def _generator(cfg, host_params, devices, batch):
   mesh = mesh_lib.make_mesh(cfg.mesh, devices=devices)
   graphdef, abs_params, _ = state_lib.abstract_variables(cfg, mesh)
   params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), host_params, abs_params)
-  gen = generate.Generator(cfg, graphdef, params, {}, mesh, batch_size=batch, cache_len=32,
+  gen = engine.Generator(cfg, graphdef, params, {}, mesh, batch_size=batch, cache_len=32,
                            compiler_options=FAST)
   return gen, params
 

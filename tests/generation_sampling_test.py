@@ -1,12 +1,14 @@
-"""moex/sample.py: greedy, temperature, top-k and top-p on hand-made logits; per-sequence
+"""moex/generation/sampling.py: greedy, temperature, top-k and top-p on hand-made logits; per-sequence
 keys make sampling reproducible and independent of the batch."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moex import sample
+from moex.generation import sampling as sample
 
 LOGITS_V = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15], np.float32))  # probabilities
 
@@ -74,3 +76,22 @@ def test_same_seed_same_tokens_and_each_sequence_its_own_stream():
 def test_bad_values_name_the_flag(kwargs, flag):
   with pytest.raises(ValueError, match=f"^{flag}: "):
     sample.Sampling(**kwargs).check()
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_float_values_must_be_finite_one_line(name, value):
+  """issue 25: every float flag finite (nan passed no comparison-based range check)."""
+  with pytest.raises(sample.SamplingError) as e:
+    sample.Sampling(**{name: value}).check()
+  line = str(e.value)
+  assert line.startswith(f"--{name}: must be finite and ") and "\n" not in line, line
+
+
+def test_every_method_is_a_sampling_field_with_its_default():
+  """A sampling method is one METHODS entry and the Sampling field of the same name."""
+  fields = {f.name: f.default for f in dataclasses.fields(sample.Sampling)}
+  assert fields == {m.name: m.default for m in sample.METHODS}
+  for m in sample.METHODS:
+    assert type(m.default) is type(fields[m.name]) and m.valid(m.default), m.name
+  sample.Sampling().check()  # every default is in range
