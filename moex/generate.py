@@ -42,6 +42,7 @@ from moex import config as config_lib
 from moex import sample as sample_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.model import cache as kv_cache
+from moex.moe import routing
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import checkpoint, init_from, state as state_lib
 from moex.train import workdir as workdir_lib
@@ -54,11 +55,11 @@ class GenerateError(ValueError, errors.Refusal):
 
 
 def refuse_noncausal(cfg: config_lib.Config) -> None:
-  if cfg.moe.router == "expert_choice":
+  if not routing.ROUTERS[cfg.moe.router].causal:
     raise GenerateError(
-        "moe.router=expert_choice: cannot generate: each expert picks its top tokens of the "
-        "whole sequence, so a token's routing depends on later tokens (non-causal), which "
-        "decoding one token at a time cannot reproduce")
+        f"moe.router={cfg.moe.router}: cannot generate: a token's routing depends on later "
+        "tokens of its sequence (non-causal), which decoding one token at a time cannot "
+        "reproduce")
 
 
 @dataclasses.dataclass

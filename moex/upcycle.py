@@ -40,7 +40,7 @@ from ml_collections import config_flags
 from moex import errors
 from moex import cli, config as config_lib
 from moex.config import Config, ConfigError
-from moex.moe import upcycling
+from moex.moe import routing, upcycling
 from moex.parallel import mesh as mesh_lib
 from moex.train import checkpoint, init_from, loop, state as state_lib, workdir as workdir_lib
 
@@ -48,12 +48,10 @@ METHODS = ("copy", "noise", "drop", "granular", "expand")
 DENSE_METHODS = ("copy", "noise", "drop", "granular")
 SHAPE_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "qk_norm")
-# Routers whose combine weights sum to routed_scaling for every token (copy is then exact).
-SUM_TO_ONE = ("topk_softmax", "sigmoid_bias", "hash", "random")
-# Routers that choose whole virtual groups with weights summing to routed_scaling (granular).
-GRANULAR_ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias", "hash")
-# Routers whose expand to M*E experts with top_k * M equals the source exactly.
-EXPAND_EXACT = ("topk_softmax", "softmax_topk", "sigmoid_bias")
+# Routers that choose whole virtual groups (granular; their weights must also sum to
+# routed_scaling) and those whose expand to M*E experts with top_k * M is exact.
+GRANULAR_ROUTERS = routing.names(lambda r: r.ties_chosen_together or r.consecutive)
+EXPAND_EXACT = routing.names(lambda r: r.ties_chosen_together)
 RECORD = "upcycle.json"
 
 
@@ -143,10 +141,10 @@ def _check_dense_method(src: Config, cfg: Config, method: str, where: str) -> in
   if moe.router not in GRANULAR_ROUTERS:
     raise ConfigError(f"moe.router: {moe.router!r} cannot make granular upcycling equal the "
                       f"dense model (use one of {', '.join(GRANULAR_ROUTERS)})")
-  if moe.router == "softmax_topk" and not moe.renormalize:
-    raise ConfigError("moe.renormalize: granular with softmax_topk needs True (without it the "
-                      "chosen weights do not sum to one)")
-  if moe.router == "sigmoid_bias" and moe.num_groups != 1:
+  if not routing.ROUTERS[moe.router].sums_to_scaling(moe):
+    raise ConfigError(f"moe.renormalize: granular with {moe.router} needs True (without it "
+                      "the chosen weights do not sum to one)")
+  if routing.ROUTERS[moe.router].group_limited and moe.num_groups != 1:
     raise ConfigError(f"moe.num_groups: {moe.num_groups}; granular needs 1 (group-limited "
                       "routing can split a virtual group)")
   return g
@@ -165,7 +163,7 @@ def _check_expand(src: Config, cfg: Config, where: str) -> None:
   if width(t) != width(s):
     raise ConfigError(f"moe.num_shared_experts: the target's shared width {width(t)} differs "
                       f"from {where}'s {width(s)}; expand copies shared experts as they are")
-  if t.router == "sigmoid_bias" and t.num_groups != 1:
+  if routing.ROUTERS[t.router].group_limited and t.num_groups != 1:
     raise ConfigError(f"moe.num_groups: {t.num_groups}; expand needs 1 (duplicated experts "
                       "would change the expert groups)")
 
@@ -191,8 +189,7 @@ def step0_note(src: Config, cfg: Config, method: str) -> str | None:
   if method == "granular":
     return None
   if method == "copy":
-    if (moe.router in SUM_TO_ONE or (moe.router == "softmax_topk" and moe.renormalize)) and \
-        moe.routed_scaling == 1:
+    if routing.ROUTERS[moe.router].sums_to_scaling(moe) and moe.routed_scaling == 1:
       return None
     return (f"the moe.router={moe.router!r} weights (renormalize={moe.renormalize}, "
             f"routed_scaling={moe.routed_scaling}) do not sum to one per token")
@@ -215,7 +212,7 @@ def _moe_block(src_ffn: dict, src_bias, cfg: Config, opts: Options, g: int,
                rng: np.random.Generator) -> tuple[dict, np.ndarray | None]:
   """The target's ffn parameters of one MoE block and its router bias (None if none)."""
   moe, e = cfg.moe, cfg.moe.num_experts
-  has_bias = moe.router == "sigmoid_bias"
+  has_bias = routing.ROUTERS[moe.router].has_bias
   if opts.method == "expand":
     ex = src_ffn["experts"]
     out = upcycling.expand(upcycling.MoEFFN(src_ffn["router"]["kernel_DxE"], ex["gate_ExDxF"],
