@@ -15,10 +15,7 @@ import ml_collections
 
 from moex import errors
 
-ROUTERS = ("topk_softmax", "softmax_topk", "switch", "sigmoid_bias", "expert_choice", "hash",
-           "random")
 DROP_POLICIES = ("position", "probability")
-DISPATCHES = ("capacity", "dropless")
 GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "blocked", "megablox")
 AUX_REDUCES = ("mean", "sum")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,7 +84,7 @@ class MoEConfig:
   num_experts: int = 8  # Experts E per MoE layer.
   top_k: int = 2  # Experts K each token is sent to.
   d_expert: int = 256  # Hidden width of each SwiGLU expert (its own field: fine-grained MoE).
-  router: str = "topk_softmax"  # Router: ROUTERS above (moex/moe/routing.py).
+  router: str = "topk_softmax"  # Router: a key of moex/moe/routing.py ROUTERS.
   dispatch: str = "capacity"  # Training dispatch: "capacity" (fixed buffers, drops) or
   # "dropless".
   capacity_factor: float = 1.25  # Training: capacity C = ceil(cf * S * K / E) per group of S.
@@ -318,8 +315,10 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
   _positive("moe", moe, "num_experts", "top_k", "d_expert")
   _check(moe.top_k <= moe.num_experts, "moe.top_k",
          f"{moe.top_k} must be <= moe.num_experts={moe.num_experts}")
-  _one_of("moe.router", moe.router, ROUTERS)
-  _one_of("moe.dispatch", moe.dispatch, DISPATCHES)
+  # Imported here: the router and path registries import this module for MoEConfig.
+  from moex.moe import dispatch, routing  # pylint: disable=g-import-not-at-top
+  _one_of("moe.router", moe.router, tuple(routing.ROUTERS))
+  _one_of("moe.dispatch", moe.dispatch, dispatch.names(lambda p: p.training_choice))
   _one_of("moe.grouped_matmul", moe.grouped_matmul, GROUPED_MATMULS)
   _one_of("moe.aux_reduce", moe.aux_reduce, AUX_REDUCES)
   _check(moe.capacity_factor > 0, "moe.capacity_factor",
@@ -335,26 +334,14 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
     _check(getattr(moe, name) >= 0, f"moe.{name}", "must be >= 0")
   _check(0 <= moe.jitter < 1, "moe.jitter", f"must be in [0, 1), got {moe.jitter!r}")
   _check(moe.routed_scaling > 0, "moe.routed_scaling", "must be > 0")
-  if moe.router == "switch":
-    _check(moe.top_k == 1, "moe.top_k", f"the switch router sends each token to 1 expert, "
-           f"got {moe.top_k}")
-    _check(not moe.renormalize, "moe.renormalize",
-           "the switch router weights its one expert by p; renormalizing makes it 1 and "
-           "cuts the router's gradient")
-  if moe.router == "sigmoid_bias":
-    _check(moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0, "moe.num_groups",
-           f"{moe.num_groups} must divide moe.num_experts={moe.num_experts}")
-    _check(1 <= moe.topk_groups <= moe.num_groups, "moe.topk_groups",
-           f"must be in [1, moe.num_groups={moe.num_groups}]")
-    per_group = moe.num_experts // moe.num_groups
-    _check(moe.top_k <= moe.topk_groups * per_group, "moe.top_k",
-           f"{moe.top_k} exceeds the {moe.topk_groups * per_group} experts in the "
-           f"moe.topk_groups={moe.topk_groups} chosen groups")
-  if moe.router == "expert_choice":
-    # Expert choice ranks all tokens of a sequence for each expert, so a token's routing
-    # depends on later tokens: a causal decoder would see the future through its router.
+  router = routing.ROUTERS[moe.router]
+  if router.check is not None:
+    router.check(moe)
+  if not router.causal:
+    # Its routing of a token depends on later tokens of the sequence: a causal decoder
+    # would see the future through its router.
     _check(moe.allow_noncausal_routing, "moe.router",
-           "expert_choice lets a token's routing depend on later tokens of its sequence, "
+           f"{moe.router} lets a token's routing depend on later tokens of its sequence, "
            "which leaks the future into a causal decoder; set "
            "moe.allow_noncausal_routing=True to use it anyway")
 

@@ -140,7 +140,7 @@ def _moe_rows(cfg: config_lib.Config, mesh, b: int) -> tuple[int, str]:
   """Rows the experts of one MoE layer process on a device, and how they come about."""
   m, l = cfg.moe, cfg.data.seq_len
   plan = dispatch.plan(m, True, l)
-  if plan.capacity is not None:
+  if dispatch.PATHS[plan.path].capacity_bound:  # else dropless: the grouped exchange
     return m.num_experts * b * plan.capacity, f"E b C, C = {plan.capacity}"
   ranks = sharding.split_size("expert", cfg.mesh.rules, mesh)
   rows = m.top_k * b * l

@@ -312,6 +312,37 @@ def test_plan_gathers_only_few_tokens_in_dropless_evaluation():
   assert dispatch.plan(ec, False, 1, num_tokens=1).path == "expert_choice"
 
 
+@pytest.mark.parametrize("router", list(routing.ROUTERS))
+@pytest.mark.parametrize("train,eval_cf,num_tokens", [(True, 0.0, None), (False, 0.0, 64),
+                                                      (False, 0.0, 1), (False, 2.0, 1)])
+def test_every_plan_path_declares_what_the_plan_sets(router, train, eval_cf, num_tokens):
+  """A capacity-bound path gets a capacity and a factor, a dropless one neither; only a
+  dropless path reports overflow; the records' capacity model applies except where the path
+  says why not (expert choice)."""
+  for training in dispatch.names(lambda p: p.training_choice):
+    cfg = MoEConfig(num_experts=8, top_k=1 if router == "switch" else 2, router=router,
+                    dispatch=training, eval_capacity_factor=eval_cf,
+                    allow_noncausal_routing=True)
+    plan = dispatch.plan(cfg, train, 16, num_tokens)
+    path = dispatch.PATHS[plan.path]
+    assert path.capacity_bound == (plan.capacity is not None), plan
+    assert path.capacity_bound == (plan.capacity_factor is not None), plan
+    assert not (path.capacity_bound and path.overflow), plan
+    assert (path.no_capacity_model is None) == (routing.ROUTERS[router].path is None), plan
+
+
+def test_moe_dispatch_names_only_the_training_paths():
+  from moex import config as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import tiny  # pylint: disable=g-import-not-at-top
+  assert dispatch.names(lambda p: p.training_choice) == ("capacity", "dropless")
+  c = tiny.get_config()
+  c.moe.dispatch = "gather"  # chosen by plan() from a call's shape, never by the config
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^moe\.dispatch: unknown value 'gather' \(known: capacity, "
+                           r"dropless\)$"):
+    config_lib.validate(c, vocab_size=259)
+
+
 def _expert_weights(e, d, f, seed=0):
   rng = np.random.default_rng(seed)
   w = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[1]), jnp.float32)

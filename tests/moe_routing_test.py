@@ -6,6 +6,7 @@ choice by hand, hash consistency, determinism, jitter). Shared experts: moe_laye
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,95 @@ def test_jitter_in_training_only():
   for (y_a, _, _), (y_b, _, _) in zip(runs, runs[1:]):
     assert np.max(np.abs(np.asarray(y_a) - np.asarray(y_b))) > 1e-3
   assert any(not np.array_equal(s["expert_load"], s_plain["expert_load"]) for _, s, _ in runs)
+
+
+# What each ROUTERS entry declares, checked against what its function does.
+DECL_G, DECL_S, DECL_E, DECL_K = 2, 8, 8, 4
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_route(name: str, cfg: MoEConfig):
+  """jit of: (logits, tokens, bias) -> each token's weight on each expert [G, S, E]
+  (expert choice: the weight each expert gave it)."""
+
+  def dense(logits_GxSxE, tokens_GxS, bias_E):
+    ctx = routing.Context(train=False, rng=jax.random.key(3), tokens_GxS=tokens_GxS,
+                          bias_E=bias_E, capacity=2)
+    r = routing.ROUTERS[name](logits_GxSxE, cfg, ctx)
+    g, s, e = logits_GxSxE.shape
+    out_GxSxE = jnp.zeros((g, s, e), jnp.float32)
+    gi = jnp.arange(g)[:, None, None]
+    if r.expert_choice:
+      return out_GxSxE.at[gi, r.token_GxExC, jnp.arange(e)[None, :, None]].add(r.weight_GxExC)
+    return out_GxSxE.at[gi, jnp.arange(s)[None, :, None], r.expert_index_GxSxK].add(
+        r.combine_weight_GxSxK)
+
+  return jax.jit(dense)
+
+
+def _decl_cfg(name: str, **overrides) -> MoEConfig:
+  top_k = 1 if name == "switch" else DECL_K  # the switch router's own check: top_k 1
+  return MoEConfig(num_experts=DECL_E, top_k=top_k, router=name, **overrides)
+
+
+def _decl_inputs(seed: int = 0):
+  key_l, key_t = jax.random.split(jax.random.key(seed))
+  logits = jax.random.normal(key_l, (DECL_G, DECL_S, DECL_E), jnp.float32)
+  tokens = jax.random.randint(key_t, (DECL_G, DECL_S), 0, 1000)
+  return logits, tokens, jnp.zeros((DECL_E,), jnp.float32)
+
+
+@pytest.mark.parametrize("name", list(routing.ROUTERS))
+def test_declared_weight_sum_causality_and_packing_hold(name):
+  spec = routing.ROUTERS[name]
+  logits, tokens, bias = _decl_inputs()
+  for overrides in ({"routed_scaling": 1.5}, {"routed_scaling": 1.5, "renormalize": True}):
+    if name == "switch" and overrides.get("renormalize"):
+      continue  # refused by its check
+    cfg = _decl_cfg(name, **overrides)
+    total_GxS = _dense_route(name, cfg)(logits, tokens, bias).sum(-1)
+    sums = bool(np.allclose(total_GxS, 1.5, atol=1e-5))
+    assert sums == spec.sums_to_scaling(cfg), (name, overrides, total_GxS)
+  cfg = _decl_cfg(name)
+  route = _dense_route(name, cfg)
+  base = np.asarray(route(logits, tokens, bias))
+  half = DECL_S // 2
+  # Later tokens made the strongest candidates of every expert.
+  later = logits.at[:, half:].set(10.0 * jnp.abs(logits[:, half:]) + 5.0)
+  later_tokens = tokens.at[:, half:].add(7)
+  causal = np.allclose(np.asarray(route(later, later_tokens, bias))[:, :half], base[:, :half])
+  assert causal == spec.causal, name
+  earlier = logits.at[:, :half].set(10.0 * jnp.abs(logits[:, :half]) + 5.0)
+  alone = np.allclose(np.asarray(route(earlier, tokens.at[:, :half].add(7), bias))[:, half:],
+                      base[:, half:])
+  assert alone == (spec.causal and spec.packed_rows), name
+
+
+@pytest.mark.parametrize("name", list(routing.ROUTERS))
+def test_declared_bias_groups_ties_and_consecutive_hold(name):
+  spec = routing.ROUTERS[name]
+  cfg = _decl_cfg(name)
+  route = _dense_route(name, cfg)
+  logits, tokens, bias = _decl_inputs(1)
+  tilted = bias.at[0].set(5.0)  # expert 0 favoured by any router that reads the bias
+  uses_bias = not np.allclose(route(logits, tokens, tilted), route(logits, tokens, bias))
+  assert uses_bias == spec.has_bias, name
+  assert spec.group_limited == (name == "sigmoid_bias"), name  # the one group-limited router
+  if spec.path is None and cfg.top_k == DECL_K:  # token choice, free top_k
+    # Two copies of each of E/2 experts: equal columns, so equal logits.
+    copies = jnp.concatenate([logits[..., :DECL_E // 2]] * 2, axis=-1)
+    w_GxSxE = np.asarray(route(copies, tokens, bias))
+    a, b = w_GxSxE[..., :DECL_E // 2], w_GxSxE[..., DECL_E // 2:]
+    together = bool(np.allclose(a, b, atol=1e-6))
+    assert together == spec.ties_chosen_together, name
+    chosen_GxSxE = np.asarray(route(logits, tokens, bias)) > 0
+    first = np.argmax(chosen_GxSxE & ~np.roll(chosen_GxSxE, 1, axis=-1), axis=-1)
+    runs = (np.arange(DECL_E)[None, None] - first[..., None]) % DECL_E < cfg.top_k
+    assert bool(np.all(runs == chosen_GxSxE)) == spec.consecutive, name
+
+
+def test_every_router_that_is_not_replayable_is_named_so():
+  # Expert choice decides per expert and hash from the token id: their routes cannot be
+  # replayed (post-training's router replay asks this).
+  assert routing.names(lambda r: not r.replayable) == ("hash", "expert_choice")
+  assert routing.names(lambda r: r.path is not None) == ("expert_choice",)

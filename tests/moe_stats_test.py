@@ -25,6 +25,7 @@ PLAN = dispatch.Plan(path="capacity", capacity_factor=1.5, capacity=TRAIN_C,
                      tokens_per_group=L, num_experts=E, top_k=K, min_capacity=0,
                      train_capacity_factor=1.5, train_capacity=TRAIN_C)
 DROPLESS = dataclasses.replace(PLAN, path="dropless", capacity_factor=None, capacity=None)
+GATHER = dataclasses.replace(DROPLESS, path="gather")
 
 
 def _routing(expert_GxSxK, probs_GxSxE=None) -> routing.Routing:
@@ -94,6 +95,21 @@ def test_layer_stats_kept_and_overflow_follow_dispatch_kept():
   s = stats.layer_stats(r, jnp.asarray(kept_GxSxK), PLAN)
   np.testing.assert_array_equal(s["expert_kept"], [6, 3, 4, 1])
   np.testing.assert_array_equal(s["ep_overflow"], [0, 0, 0, 0])
+
+
+def test_gather_path_counts_its_expert_parallel_overflow_as_ep_overflow():
+  # The gather path (a decode step) runs through the same bounded expert-parallel exchange
+  # as dropless (moex/moe/parallel.py _ep_gathered): what it did not keep is overflow, all
+  # of it ep_overflow (kept + overflow = load), none of it a capacity drop.
+  r = _routing_with_load(LOAD_STEP1_GxE)
+  kept_GxSxK = np.ones(r.expert_index_GxSxK.shape, bool)
+  kept_GxSxK[0, 0, 0] = kept_GxSxK[1, 3, 1] = False  # experts 0 and 3
+  s = stats.layer_stats(r, jnp.asarray(kept_GxSxK), GATHER)
+  np.testing.assert_array_equal(s["ep_overflow"], [1, 0, 0, 1])
+  capacity_dropped_E = s["expert_load"] - s["expert_kept"] - s["ep_overflow"]
+  np.testing.assert_array_equal(capacity_dropped_E, [0, 0, 0, 0])
+  (rec,) = _records(_stack(s), plan=GATHER)
+  assert (rec["dispatch"], rec["ep_overflow"]) == ("gather", 2)
 
 
 def test_layer_stats_counts():
@@ -232,3 +248,16 @@ def test_records_routing_churn_field():
   recs = _records(window, layers=(1, 3), churn_N=np.array([0.25, 0.5]))
   assert [r["routing_churn"] for r in recs] == [0.25, 0.5]
   assert all(r["routing_churn"] is None for r in _records(window, layers=(1, 3)))
+
+
+def test_gather_path_on_expert_ranks_reports_its_overflow():
+  """tests/multidevice/stats_mesh.py: a decode-sized evaluation call (the gather path) on 2
+  expert ranks with moe.ep_buffer_factor=0.5 overflows its pair buffers; the overflow is
+  ep_overflow (kept + overflow = load), and one device never overflows."""
+  import multidevice_run  # pylint: disable=g-import-not-at-top
+  stdout, rows = multidevice_run.run("stats_mesh.py")
+  one, two = sorted(rows, key=lambda r: r["ranks"])
+  assert one["path"] == two["path"] == "gather", stdout
+  assert one["overflow"] == 0 and one["kept"] == one["load"], one
+  assert two["overflow"] > 0, two
+  assert two["kept"] + two["overflow"] == two["load"] == one["load"], two

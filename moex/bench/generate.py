@@ -24,6 +24,7 @@ best of 5, the faster counted).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import statistics
 import time
@@ -111,7 +112,7 @@ def weight_bytes(cfg: config_lib.Config, params: dict) -> dict:
 def _grouped_instead_of_gather():
   """Decode steps that would gather run the dropless grouped matmul instead."""
   saved = dispatch.PATHS["gather"]
-  dispatch.PATHS["gather"] = dispatch.dropless_dispatch
+  dispatch.PATHS["gather"] = dataclasses.replace(saved, fn=dispatch.dropless_dispatch)
   try:
     yield
   finally:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from moex import config as config_lib, errors
 from moex.generation import sampling as sampling_lib
 from moex.model import cache as kv_cache
+from moex.moe import routing
 from moex.parallel import sharding
 
 PROMPT_BUCKET = 16  # prompt widths are rounded up to a multiple of this (fewer compiles)
@@ -36,13 +37,11 @@ class GenerateError(ValueError, errors.Refusal):
 
 def refuse_noncausal(cfg: config_lib.Config) -> None:
   """GenerateError for a router whose choices depend on later tokens."""
-  # The one place generation asks about a router kind: becomes the router registry's
-  # declared `causal` property (moex/moe/routing.py) when routers are registry entries.
-  if cfg.moe.router == "expert_choice":
+  if not routing.ROUTERS[cfg.moe.router].causal:
     raise GenerateError(
-        "moe.router=expert_choice: cannot generate: each expert picks its top tokens of the "
-        "whole sequence, so a token's routing depends on later tokens (non-causal), which "
-        "decoding one token at a time cannot reproduce")
+        f"moe.router={cfg.moe.router}: cannot generate: a token's routing depends on later "
+        "tokens of its sequence (non-causal), which decoding one token at a time cannot "
+        "reproduce")
 
 
 @dataclasses.dataclass

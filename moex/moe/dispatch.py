@@ -1,10 +1,12 @@
 """Dispatch: move token rows to expert buffers, run the experts, combine the results.
 
-Every path is an entry of PATHS with one signature,
+Every path is a `Path` entry of PATHS: its function, with one signature,
 
   path(x [G, S, D], routing, plan, experts) -> (output [G, S, D], kept [G, S, K]),
 
-chosen by the layer's `Plan` (decided once per layer call by `plan()` from the MoE config,
+and what the statistics, the report, footprint and config ask of it (capacity-bound or
+dropless, what its not-kept assignments are, whether moe.dispatch may name it, whether the
+report's capacity model applies to its records). It is chosen by the layer's `Plan` (decided once per layer call by `plan()` from the MoE config,
 train/eval and the sequence length; the same plan labels the statistics). `experts` is an
 `Experts` pair of callbacks: what runs on the expert buffers. Expert parallelism
 (moex/moe/parallel.py) supplies callbacks with all-to-alls around the experts, so no path
@@ -28,8 +30,8 @@ is a gather too), never with one-hot dispatch einsums, which cost as much as the
 - expert_choice: each expert takes its top-C tokens per group (routing.expert_choice); K is
   0 in the routing, so `kept` is [G, S, 0].
 
-To add a path: write `def my_dispatch(x_GxSxD, routing, plan, experts)` here, add it to
-PATHS, and make `plan()` choose it (see WORKSPACE.md "Adding a dispatch path").
+To add a path: write `def my_dispatch(x_GxSxD, routing, plan, experts)` here, add its
+`Path` to PATHS, and make `plan()` choose it (see WORKSPACE.md "Adding a dispatch path").
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 
 from moex.config import MoEConfig
 from moex.moe import permute
-from moex.moe.routing import Routing
+from moex.moe.routing import ROUTERS, Routing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Plan:
   """How one MoE layer call dispatches, and what its statistics are labelled with."""
 
   path: str  # a PATHS key
-  capacity_factor: float | None  # None: dropless
+  capacity_factor: float | None  # None: dropless (the path is not capacity-bound)
   capacity: int | None  # rows per expert and group (sequence); None: dropless
   tokens_per_group: int  # S: a group is one sequence
   num_experts: int
@@ -67,17 +69,20 @@ def plan(cfg: MoEConfig, train: bool, tokens_per_group: int,
   """The one place that decides the path and capacity of a layer call.
 
   Training uses moe.dispatch with moe.capacity_factor; evaluation is dropless unless
-  moe.eval_capacity_factor > 0. Expert choice is always capacity-bound (evaluation uses
-  eval_capacity_factor when set, else the training factor). A dropless evaluation call
+  moe.eval_capacity_factor > 0. A router with its own path (expert choice) always takes
+  it; when that path is capacity-bound, evaluation uses eval_capacity_factor when set, else
+  the training factor. A dropless evaluation call
   with so few tokens that T*K < E (`num_tokens` = T, all groups: a decode step at small
   batch) gathers the chosen experts' weights instead of visiting every expert.
   """
-  if cfg.router == "expert_choice":
-    path = "expert_choice"
-    cf = cfg.capacity_factor if train else (cfg.eval_capacity_factor or cfg.capacity_factor)
+  own_path = ROUTERS[cfg.router].path
+  if own_path is not None:
+    path = own_path
+    cf = ((cfg.capacity_factor if train else (cfg.eval_capacity_factor or cfg.capacity_factor))
+          if PATHS[path].capacity_bound else None)
   elif train:
     path = cfg.dispatch
-    cf = cfg.capacity_factor if path == "capacity" else None
+    cf = cfg.capacity_factor if PATHS[path].capacity_bound else None
   else:
     cf = cfg.eval_capacity_factor if cfg.eval_capacity_factor > 0 else None
     few = num_tokens is not None and num_tokens * cfg.top_k < cfg.num_experts
@@ -271,9 +276,41 @@ def expert_choice_dispatch(x_GxSxD: jax.Array, routing: Routing, plan: Plan,
 
 Dispatch = Callable[[jax.Array, Routing, Plan, Experts], tuple[jax.Array, jax.Array]]
 
-PATHS: dict[str, Dispatch] = {
-    "capacity": capacity_dispatch,
-    "dropless": dropless_dispatch,
-    "gather": gather_dispatch,
-    "expert_choice": expert_choice_dispatch,
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+  """A dispatch path: its function and what the statistics, report and footprint ask of
+  it. Calling the path calls the function."""
+
+  fn: Dispatch
+  # Each expert takes at most plan.capacity assignments per group and drops the rest (the
+  # plan sets a capacity); False: dropless, every assignment is computed.
+  capacity_bound: bool
+  # What it did not keep is the bounded expert-parallel exchange's overflow (counted as
+  # moe_stats' ep_overflow, moe.ep_buffer_factor), not a capacity drop.
+  overflow: bool = False
+  # A value of moe.dispatch (the training path); others are chosen by plan() alone.
+  training_choice: bool = False
+  # Why the report's drop-at-any-capacity-factor model (moex/report/capacity.py) does not
+  # apply to its records; None: it does (token choice: per-sequence loads vs a capacity).
+  no_capacity_model: str | None = None
+
+  def __call__(self, x_GxSxD: jax.Array, routing: Routing, plan: Plan,
+               experts: Experts) -> tuple[jax.Array, jax.Array]:
+    return self.fn(x_GxSxD, routing, plan, experts)
+
+
+PATHS: dict[str, Path] = {
+    "capacity": Path(capacity_dispatch, capacity_bound=True, training_choice=True),
+    "dropless": Path(dropless_dispatch, capacity_bound=False, overflow=True,
+                     training_choice=True),
+    # Through the same bounded exchange as dropless on expert-parallel ranks.
+    "gather": Path(gather_dispatch, capacity_bound=False, overflow=True),
+    "expert_choice": Path(expert_choice_dispatch, capacity_bound=True,
+                          no_capacity_model="expert choice drops no assignments"),
 }
+
+
+def names(has: Callable[[Path], bool]) -> tuple[str, ...]:
+  """The paths that satisfy `has`, in PATHS order."""
+  return tuple(name for name, path in PATHS.items() if has(path))

@@ -75,7 +75,7 @@ class MoEBlock(nnx.Module):
     self.cfg = moe_cfg
     out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
     self.router = routing.Router(model_cfg.d_model, moe_cfg.num_experts, model_cfg.init_std,
-                                 rngs, with_bias=moe_cfg.router == "sigmoid_bias")
+                                 rngs, with_bias=routing.ROUTERS[moe_cfg.router].has_bias)
     self.experts = experts_lib.Experts(moe_cfg.num_experts, model_cfg.d_model,
                                        moe_cfg.d_expert, model_cfg.init_std, out_std,
                                        jnp.dtype(model_cfg.param_dtype), rngs)
@@ -93,9 +93,9 @@ class MoEBlock(nnx.Module):
                ) -> tuple[jax.Array, MoEOutput]:
     """`valid_BxL` marks the real tokens of packed rows (None: every token is real)."""
     b, l, _ = x_BxLxD.shape
-    if valid_BxL is not None and self.cfg.router == "expert_choice":
+    if valid_BxL is not None and not routing.ROUTERS[self.cfg.router].packed_rows:
       raise ConfigError(
-          "moe.router: expert_choice ranks every token of a packed row, so a document's "
+          f"moe.router: {self.cfg.router} routes a packed row as a whole, so a document's "
           "routing would see the other documents and the padding of its row; use a "
           "token-choice router with batches that carry segment_ids")
     if rng is None or not train:  # evaluation routing is deterministic: a fixed key

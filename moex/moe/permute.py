@@ -5,9 +5,13 @@ is a scatter-add, which XLA:CPU runs as a serial loop. Here every gather carries
 inverse map, so the backward gathers the cotangent rows back and sums them (MaxText's
 permute/unpermute custom VJP does the same).
 
-`take_rows(x [R, D], index [M], inverse [R, J])`: out[m] = x[index[m]] (zero when
-index[m] == R). `inverse[n]` lists the J (or fewer; padded with M) positions m where
-index[m] == n; the backward is dx[n] = sum_j dout[inverse[n, j]].
+`take_rows(x [R, D], index [M], inverse [R, K])`: out[m] = x[index[m]] (zero when
+index[m] == R). `inverse[n]` lists the K (or fewer; padded with M) positions m where
+index[m] == n; the backward is dx[n] = sum_k dout[inverse[n, k]].
+
+Shape letters: R rows gathered from, M rows gathered, D row width, K the fan-out of an
+inverse map: at most K positions share a source row (in dispatch, a token's K assignments;
+a caller with another fan-out names its own, e.g. expert choice's inverse_TxE).
 """
 
 from __future__ import annotations
@@ -20,14 +24,14 @@ def _pad_row(x_RxD: jax.Array) -> jax.Array:
   return jnp.concatenate([x_RxD, jnp.zeros((1,) + x_RxD.shape[1:], x_RxD.dtype)], axis=0)
 
 
-def _gather_sum(x_RxD: jax.Array, index_MxJ: jax.Array) -> jax.Array:
-  """out[m] = sum_j x[index[m, j]], with index R meaning a zero row."""
-  rows_MxJxD = jnp.take(_pad_row(x_RxD), index_MxJ, axis=0)
-  return jnp.sum(rows_MxJxD, axis=1)
+def _gather_sum(x_RxD: jax.Array, index_MxK: jax.Array) -> jax.Array:
+  """out[m] = sum_k x[index[m, k]], with index R meaning a zero row."""
+  rows_MxKxD = jnp.take(_pad_row(x_RxD), index_MxK, axis=0)
+  return jnp.sum(rows_MxKxD, axis=1)
 
 
 @jax.custom_vjp
-def take_rows(x_RxD: jax.Array, index_M: jax.Array, inverse_RxJ: jax.Array) -> jax.Array:
+def take_rows(x_RxD: jax.Array, index_M: jax.Array, inverse_RxK: jax.Array) -> jax.Array:
   return jnp.take(_pad_row(x_RxD), index_M, axis=0)
 
 
@@ -46,14 +50,14 @@ def like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
   return jax.lax.psum(ct, extra) if extra else ct
 
 
-def _fwd(x_RxD, index_M, inverse_RxJ):
+def _fwd(x_RxD, index_M, inverse_RxK):
   # x[:0] keeps only x's type (its mesh-axis variance) for the backward pass.
-  return take_rows(x_RxD, index_M, inverse_RxJ), (index_M, inverse_RxJ, x_RxD[:0])
+  return take_rows(x_RxD, index_M, inverse_RxK), (index_M, inverse_RxK, x_RxD[:0])
 
 
 def _bwd(res, dout_MxD):
-  index_M, inverse_RxJ, x_type = res
-  dx_RxD = _gather_sum(dout_MxD, inverse_RxJ)
+  index_M, inverse_RxK, x_type = res
+  dx_RxD = _gather_sum(dout_MxD, inverse_RxK)
   return like_primal(dx_RxD, x_type), None, None
 
 
@@ -71,6 +75,6 @@ def inverse_of(index_M: jax.Array, num_sources: int, fanout: int) -> jax.Array:
   sorted_src_M = index_M[order_M]
   first_R = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="left")
   count_R = jnp.searchsorted(sorted_src_M, jnp.arange(num_sources), side="right") - first_R
-  j_J = jnp.arange(fanout)
-  pos_RxJ = jnp.minimum(first_R[:, None] + j_J, m - 1)
-  return jnp.where(j_J < count_R[:, None], order_M[pos_RxJ], m).astype(jnp.int32)
+  k_K = jnp.arange(fanout)
+  pos_RxK = jnp.minimum(first_R[:, None] + k_K, m - 1)
+  return jnp.where(k_K < count_R[:, None], order_M[pos_RxK], m).astype(jnp.int32)

@@ -3,11 +3,14 @@
 Shape letters: G groups (sequences), S tokens per group, D model width, E experts,
 K experts per token. All router math is float32 whatever the compute dtype.
 
-A router is a function `(logits [G, S, E], cfg, ctx) -> Routing` registered in ROUTERS
-(and named in moex/config.py ROUTERS). Token-choice routers fill expert_index/combine_weight
-[G, S, K]; expert choice, whose decision is per expert, leaves them empty (K = 0) and fills
-the per-expert token lists [G, E, C] instead, which only its dispatch path reads
-(moex/moe/dispatch.py). The layer picks the path from the router kind (dispatch.plan).
+A router is one entry of ROUTERS, the one list of router names: a `RouterSpec` holding its
+function `(logits [G, S, E], cfg, ctx) -> Routing` and what the rest of moex asks of it
+(causal, packed rows, a bias to update, whether its weights sum to moe.routed_scaling,
+whether its routes can be replayed, its own dispatch path, its config checks). The layer,
+dispatch.plan, config validation, generation and upcycling read these fields, never the
+router's name. Token-choice routers fill expert_index/combine_weight [G, S, K]; expert
+choice, whose decision is per expert, leaves them empty (K = 0) and fills the per-expert
+token lists [G, E, C] instead, which only its own dispatch path reads (moex/moe/dispatch.py).
 
 | name          | choice                              | weight of a chosen expert        | paper |
 |---------------|-------------------------------------|----------------------------------|-------|
@@ -22,13 +25,14 @@ the per-expert token lists [G, E, C] instead, which only its dispatch path reads
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moex.config import MoEConfig
+from moex.config import ConfigError, MoEConfig
 
 
 class Routing(NamedTuple):
@@ -173,15 +177,102 @@ def expert_choice(logits_GxSxE, cfg: MoEConfig, ctx: Context) -> Routing:
                  token_GxExC.astype(jnp.int32), weight_GxExC)
 
 
-ROUTERS: dict[str, Callable[[jax.Array, MoEConfig, Context], Routing]] = {
-    "topk_softmax": topk_softmax,
-    "softmax_topk": softmax_topk,
-    "switch": switch,
-    "sigmoid_bias": sigmoid_bias,
-    "hash": hash_router,
-    "random": random_router,
-    "expert_choice": expert_choice,
+RouterFn = Callable[[jax.Array, MoEConfig, Context], Routing]
+
+
+def _require(ok: bool, key: str, reason: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}: {reason}")
+
+
+def _check_switch(moe: MoEConfig) -> None:
+  _require(moe.top_k == 1, "moe.top_k",
+           f"the switch router sends each token to 1 expert, got {moe.top_k}")
+  _require(not moe.renormalize, "moe.renormalize",
+           "the switch router weights its one expert by p; renormalizing makes it 1 and cuts "
+           "the router's gradient")
+
+
+def _check_groups(moe: MoEConfig) -> None:
+  """Group-limited routing: num_groups divides E, and the chosen groups hold top_k experts."""
+  _require(moe.num_groups >= 1 and moe.num_experts % moe.num_groups == 0, "moe.num_groups",
+           f"{moe.num_groups} must divide moe.num_experts={moe.num_experts}")
+  _require(1 <= moe.topk_groups <= moe.num_groups, "moe.topk_groups",
+           f"must be in [1, moe.num_groups={moe.num_groups}]")
+  per_group = moe.num_experts // moe.num_groups
+  _require(moe.top_k <= moe.topk_groups * per_group, "moe.top_k",
+           f"{moe.top_k} exceeds the {moe.topk_groups * per_group} experts in the "
+           f"moe.topk_groups={moe.topk_groups} chosen groups")
+
+
+def _always(moe: MoEConfig) -> bool:
+  del moe
+  return True
+
+
+def _never(moe: MoEConfig) -> bool:
+  del moe
+  return False
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+  """A router: its function and what the layer, plan, config, generation and upcycling ask
+  of it. Calling the spec calls the function."""
+
+  fn: RouterFn
+  # Whether every token's combine weights sum to moe.routed_scaling (copy upcycling is
+  # then exact); a function of the config where an option decides it.
+  sums_to_scaling: Callable[[MoEConfig], bool] = _always
+  # A token's routing depends on no later token (expert choice ranks the whole sequence:
+  # refused for a causal decoder without moe.allow_noncausal_routing, and for generation).
+  causal: bool = True
+  # Routes each token on its own, so a packed row's documents (segment ids) never see
+  # each other (expert choice ranks the whole row: refused there).
+  packed_rows: bool = True
+  # Keeps a per-expert bias (routing.RouterBias, outside the optimizer) that aux-loss-free
+  # balancing updates after each training step (ctx.bias_E).
+  has_bias: bool = False
+  # Its routes (each token's experts) can be recorded and replayed in a later pass (router
+  # replay in post-training): the choice is per token and the weights follow from the
+  # logits. Expert choice decides per expert, hash from the token id alone.
+  replayable: bool = True
+  # Uses moe.num_groups / moe.topk_groups (group-limited routing).
+  group_limited: bool = False
+  # With top_k a multiple of M, M experts with equal router columns (copies) are chosen
+  # together and share one weight (expand and granular upcycling are then exact).
+  ties_chosen_together: bool = False
+  # Chooses k consecutive experts (granular upcycling is exact: any G of them are the G
+  # shards of the dense FFN).
+  consecutive: bool = False
+  # The dispatch path its decisions need (a dispatch.PATHS key); None: token choice, the
+  # plan chooses (moe.dispatch, train/eval, the call's shape).
+  path: str | None = None
+  # Its own config refusals (ConfigError lines naming the key); run by config.validate.
+  check: Callable[[MoEConfig], None] | None = None
+
+  def __call__(self, logits_GxSxE: jax.Array, cfg: MoEConfig, ctx: Context) -> Routing:
+    return self.fn(logits_GxSxE, cfg, ctx)
+
+
+ROUTERS: dict[str, RouterSpec] = {
+    "topk_softmax": RouterSpec(topk_softmax, ties_chosen_together=True),
+    "softmax_topk": RouterSpec(softmax_topk, sums_to_scaling=lambda moe: moe.renormalize,
+                               ties_chosen_together=True),
+    # Its one weight is p < 1; top_k is 1, so no two copies are chosen together.
+    "switch": RouterSpec(switch, sums_to_scaling=_never, check=_check_switch),
+    "sigmoid_bias": RouterSpec(sigmoid_bias, has_bias=True, group_limited=True,
+                               ties_chosen_together=True, check=_check_groups),
+    "hash": RouterSpec(hash_router, replayable=False, consecutive=True),
+    "random": RouterSpec(random_router),
+    "expert_choice": RouterSpec(expert_choice, sums_to_scaling=_never, causal=False,
+                                packed_rows=False, replayable=False, path="expert_choice"),
 }
+
+
+def names(has: Callable[[RouterSpec], bool]) -> tuple[str, ...]:
+  """The routers whose spec satisfies `has`, in ROUTERS order."""
+  return tuple(name for name, spec in ROUTERS.items() if has(spec))
 
 
 def update_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:

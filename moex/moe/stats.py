@@ -15,8 +15,8 @@ Padding of packed rows is in no statistic: every count and sum is over real toke
 (`tokens` included); the per-sequence quantities keep the row's length S as their unit.
 
 Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
-  step, split, layer, tokens, num_experts, top_k, dispatch (the path: capacity, dropless,
-  expert_choice), capacity (per expert and sequence; null when dropless), capacity_factor
+  step, split, layer, tokens, num_experts, top_k, dispatch (the path, a dispatch.PATHS key:
+  capacity, dropless, gather, expert_choice), capacity (per expert and sequence; null when dropless), capacity_factor
   (null when dropless), tokens_per_group and min_capacity (with num_experts and top_k, what
   moex.config.capacity needs to recompute the capacity at any factor), expert_load (E ints,
   before dropping), expert_kept (E ints, after), dropped_fraction (1 - kept/load),
@@ -24,8 +24,9 @@ Fields of a `moe_stats.jsonl` line (one per logged step, split and MoE layer):
   of the window), router_entropy (mean nats over tokens, full distribution over E),
   load_balance_loss, z_loss (means over the window's steps), rank_load (assignments routed
   to each expert-parallel rank's experts), overload_factor (max / mean of rank_load),
-  ep_overflow (assignments the dropless expert-parallel buffer had no room for; 0 unless
-  moe.ep_buffer_factor bounds it), dead_experts (experts with no assignment in the
+  ep_overflow (assignments the bounded expert-parallel exchange had no room for, on the
+  paths whose Path.overflow says so: dropless and gather; 0 unless moe.ep_buffer_factor
+  bounds it; they are not in expert_kept either), dead_experts (experts with no assignment in the
   window), topk_margin (mean gap between the k-th and (k+1)-th router probability),
   expert_cooccurrence (for K > 1: tokens choosing each pair of experts; all pairs up to 16
   experts, else the top 16), sequence_load_hist (the (sequence, expert) pairs binned by the
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moex.moe import balancing
-from moex.moe.dispatch import Plan
+from moex.moe.dispatch import PATHS, Plan
 from moex.moe.routing import Routing
 
 # Per-sequence loads binned by the capacity factor they would need (bins of HIST_WIDTH up
@@ -114,8 +115,9 @@ def layer_stats(routing: Routing, kept_GxSxK: jax.Array, plan: Plan, reduce=None
       "expert_load": load_E,
       "expert_kept": load_E - dropped_E,
       "train_capacity_kept": psum(jnp.sum(jnp.minimum(load_GxE, plan.train_capacity), axis=0)),
-      # On the dropless path only the bounded expert-parallel buffer drops.
-      "ep_overflow": dropped_E if plan.path == "dropless" else jnp.zeros((e,), jnp.int32),
+      # The path says what its not-kept assignments are: on the dropless and gather paths
+      # only the bounded expert-parallel exchange leaves any out.
+      "ep_overflow": dropped_E if PATHS[plan.path].overflow else jnp.zeros((e,), jnp.int32),
       "max_group_load": pmax(jnp.max(load_GxE)),
       "entropy_sum": balancing.router_entropy_sum(routing, psum).astype(jnp.float32),
       "load_balance_loss": balancing.load_balance_loss(routing, load_E, psum),

@@ -46,6 +46,7 @@ from absl import logging
 from moex import config as config_lib, errors, workdir as workdir_lib
 from moex.config import Config, ConfigError
 from moex.model import params as params_lib
+from moex.moe import routing
 from moex.parallel import mesh as mesh_lib
 from moex.train import init_from, loop, state as state_lib
 
@@ -165,7 +166,7 @@ def expand(moe: MoEFFN, num_experts: int) -> MoEFFN:
 
 
 def expand_bias(bias_E: np.ndarray | None, num_experts: int) -> np.ndarray:
-  """The sigmoid_bias router's bias for `expand`: the source's, tiled like its columns (zeros
+  """A biased router's bias for `expand`: the source's, tiled like its columns (zeros
   when the source has none)."""
   if bias_E is None:
     return np.zeros((num_experts,), np.float32)
@@ -215,25 +216,24 @@ def option_fields() -> list[dataclasses.Field]:
 
 
 # ---------------------------------------------------------------------------------------
-# What upcycling asks of a router. The one place router kinds are named here: these become
-# the router registry's declared properties (moex/moe/routing.py) when routers are entries.
+# What upcycling asks of a router: the properties the router registry declares
+# (moex/moe/routing.py RouterSpec); no router is named here.
 
-# Routers whose combine weights sum to routed_scaling for every token (copy is then exact).
-SUM_TO_ONE = ("topk_softmax", "sigmoid_bias", "hash", "random")
-# Routers that choose whole virtual groups with weights summing to routed_scaling (granular).
-GRANULAR_ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid_bias", "hash")
-# Routers whose expand to m*E experts with top_k * m equals the source exactly.
-EXPAND_EXACT = ("topk_softmax", "softmax_topk", "sigmoid_bias")
+# Routers that choose whole virtual groups (granular; their weights must also sum to
+# routed_scaling) and those whose expand to m*E experts with top_k * m is exact.
+GRANULAR_ROUTERS = routing.names(lambda r: r.ties_chosen_together or r.consecutive)
+EXPAND_EXACT = routing.names(lambda r: r.ties_chosen_together)
 
 
 def _weights_sum_to_scaling(moe: config_lib.MoEConfig) -> bool:
   """Whether a token's combine weights sum to moe.routed_scaling."""
-  return moe.router in SUM_TO_ONE or (moe.router == "softmax_topk" and moe.renormalize)
+  return routing.ROUTERS[moe.router].sums_to_scaling(moe)
 
 
 def _group_limited(moe: config_lib.MoEConfig) -> bool:
-  """Whether routing is limited to some expert groups (sigmoid_bias with num_groups > 1)."""
-  return moe.router == "sigmoid_bias" and moe.num_groups != 1
+  """Whether routing is limited to some expert groups (num_groups > 1 on a router that uses
+  them)."""
+  return routing.ROUTERS[moe.router].group_limited and moe.num_groups != 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,9 +289,9 @@ def _check_granular(src: Config, cfg: Config, method: str, where: str) -> int:
   if moe.router not in GRANULAR_ROUTERS:
     raise ConfigError(f"moe.router: {moe.router!r} cannot make granular upcycling equal the "
                       f"dense model (use one of {', '.join(GRANULAR_ROUTERS)})")
-  if moe.router == "softmax_topk" and not moe.renormalize:
-    raise ConfigError("moe.renormalize: granular with softmax_topk needs True (without it the "
-                      "chosen weights do not sum to one)")
+  if not _weights_sum_to_scaling(moe):
+    raise ConfigError(f"moe.renormalize: granular with {moe.router} needs True (without it "
+                      "the chosen weights do not sum to one)")
   if _group_limited(moe):
     raise ConfigError(f"moe.num_groups: {moe.num_groups}; granular needs 1 (group-limited "
                       "routing can split a virtual group)")

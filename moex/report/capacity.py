@@ -7,8 +7,9 @@ min_capacity) rows per sequence of S tokens (the layer's own formula),
   drop(cf) = sum_b max(0, load_sum_b - count_b * C) / sum_b load_sum_b,
 exact up to the bin width. S and min_capacity are the record's `tokens_per_group` and
 `min_capacity`; records written before those fields use config.json's data.seq_len and
-moe.min_capacity. Records older than `sequence_load_hist` get no estimate, nor do
-expert-choice records (each expert takes exactly C tokens: nothing is dropped).
+moe.min_capacity. Records older than `sequence_load_hist` get no estimate, nor do records
+of a path whose `dispatch.Path.no_capacity_model` says why the model does not apply
+(expert choice: each expert takes exactly C tokens, nothing is dropped).
 
 Per layer, the recommendation is the smallest cf on a 1.0..8.0 grid (step 0.05) with
 drop(cf) <= target in at least 95% of the recent train windows; the max
@@ -22,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from moex import config as config_lib
+from moex.moe import dispatch
 from moex.report import read
 from moex.report.read import Run
 
@@ -41,8 +43,9 @@ def group_shape(record: dict, config: dict) -> tuple[int, int] | None:
 
 def no_estimate(record: dict, config: dict) -> str | None:
   """Why drop(cf) cannot be computed from a record (None: it can)."""
-  if record.get("dispatch") == "expert_choice":
-    return "expert choice drops no assignments"
+  path = dispatch.PATHS.get(record.get("dispatch"))
+  if path is not None and path.no_capacity_model:
+    return path.no_capacity_model
   if "sequence_load_hist" not in record:
     return "record predates sequence_load_hist"
   if group_shape(record, config) is None:
@@ -88,7 +91,8 @@ def current_cf(run: Run) -> float | None:
   if train:
     return train[-1].get("capacity_factor")
   moe_cfg = run.config.get("moe", {})
-  if moe_cfg.get("dispatch", "capacity") != "capacity":
+  path = dispatch.PATHS.get(moe_cfg.get("dispatch", "capacity"))
+  if path is None or not path.capacity_bound:
     return None
   return moe_cfg.get("capacity_factor")
 
