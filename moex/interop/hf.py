@@ -71,9 +71,8 @@ def load_params(hf_dir: str, cfg: Config, abstract_params: dict,
   """The moex parameters of the checkpoint in `hf_dir`, placed per `abstract_params`'
   shardings (jax.ShapeDtypeStruct leaves), cast to their dtypes."""
   reader = safetensors_dir.Reader(hf_dir)
-  names = set(reader.keys())
-  prefix = families.moe_prefix(family, names, cfg.model)
-  rules = families.tensors(family, cfg.model, cfg.moe, prefix)
+  layout = family.layout(set(reader.keys()), cfg.model)
+  rules = family.tensors(cfg.model, cfg.moe, layout)
   params: dict = {}
   t0 = t_log = time.time()
   for i, rule in enumerate(rules):
@@ -97,20 +96,16 @@ def load_params(hf_dir: str, cfg: Config, abstract_params: dict,
     if time.time() - t_log > 10:
       logging.info("import: %d/%d tensors, %.0fs", i + 1, len(rules), time.time() - t0)
       t_log = time.time()
-  _check_all_used(reader, rules, family, cfg, prefix)
+  _check_all_used(reader, rules, family, cfg)
   return params
 
 
-def _check_all_used(reader, rules, family, cfg, prefix) -> None:
+def _check_all_used(reader, rules, family, cfg) -> None:
   """Every tensor in the checkpoint has a place in the model (else one line naming it)."""
   expected = {name for rule in rules for name, _ in rule.hub}
   e = cfg.moe.num_experts
-  fused = set()
-  for n in cfg.model.moe_layers:
-    m = f"model.layers.{n}.{prefix}.experts."
-    fused |= {m + "gate_up_proj", m + "down_proj"}
   for name in reader.keys():
-    if name in expected or name in fused or name.endswith(_IGNORED_SUFFIXES):
+    if name in expected or name.endswith(_IGNORED_SUFFIXES):
       continue
     raise FormatError(f"{reader.file_of(name)}: tensor {name} has no place in a moex "
                       f"{family.architecture} with this config.json (e.g. a bias, or "
@@ -152,8 +147,7 @@ def export(params_host, cfg: Config, out_dir: str, *, architecture: str | None =
     hf.update({k: v for k, v in extra_config.items() if k in (
         "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")})
   hf["transformers_version"] = hf.get("transformers_version", "5.0.0")
-  prefix = fam.moe_prefix[0] if fam.moe else "mlp"
-  rules = families.tensors(fam, cfg.model, cfg.moe, prefix)
+  rules = fam.tensors(cfg.model, cfg.moe, fam.hub_layout())
   dtype = np.dtype(cfg.model.param_dtype)
   out = epath.Path(out_dir)
   tmp = out.parent / (out.name + ".partial")
