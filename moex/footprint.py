@@ -3,17 +3,17 @@
   python -m moex.footprint --config=experiments/mixtral_8x7b.py --devices=64 \
       [--config.mesh.expert=8 ...] [--device_memory_gb=95]
 
-Prints total and active parameters (moex/train/flops.py param_counts, from the config
-alone), then per device: parameters, gradients, optimizer state, an activation estimate,
-their sum and, with --device_memory_gb (GiB), whether it fits.
+Prints total and active parameters (moex/model/params.py counts), then per device:
+parameters, gradients, optimizer state, an activation estimate, their sum and, with
+--device_memory_gb (GiB), whether it fits.
 
-Exact: parameters and optimizer state are the trainer's own abstract state
-(moex/train/state.py build(), jax.eval_shape only) with its shardings from mesh.rules, on an
-AbstractMesh of the config's mesh shape (a -1 axis resolved from --devices), so no device
-is needed; a device holds prod(dim / split) elements of each array, the split of a
-dimension being the product of the mesh axes in its PartitionSpec. Gradients are one more
-copy of the parameters (two with train.grad_accum_steps > 1: the running sum and one
-micro-batch's).
+Exact: parameters (moex/model/params.py, the one parameter tree) and optimizer state (the
+trainer's own abstract state, moex/train/state.py build(); jax.eval_shape only), with their
+shardings from mesh.rules, on an AbstractMesh of the config's mesh shape (a -1 axis
+resolved from --devices), so no device is needed; a device holds prod(dim / split) elements
+of each array, the split of a dimension being the product of the mesh axes in its
+PartitionSpec. Gradients are one more copy of the parameters (two with
+train.grad_accum_steps > 1: the running sum and one micro-batch's).
 
 Estimated: activations, in the compute dtype (c bytes; router logits and the output logits
 in float32), per device and micro-batch of b = data.batch_size / (grad_accum_steps x batch
@@ -54,7 +54,8 @@ from moex import cli, config as config_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.moe import dispatch, parallel as moe_parallel
 from moex.parallel import mesh as mesh_lib, sharding
-from moex.train import flops, optimizer, state as state_lib
+from moex.model import params
+from moex.train import optimizer, state as state_lib
 
 GIB = 2 ** 30
 
@@ -76,7 +77,7 @@ class Footprint:
   total_params: int
   active_params: int
   embedding_params: int  # embedding + unembedding, counted in both totals
-  param_bytes: dict[str, int]  # by part (flops.param_counts' parts)
+  param_bytes: dict[str, int]  # by part (moex.model.params.PARTS)
   param_dtypes: tuple[str, ...]
   grad_bytes: int
   opt_bytes: int
@@ -98,41 +99,9 @@ class Footprint:
         self.activation_bytes)
 
 
-def shard_elements(shape: tuple[int, ...], spec, sizes: dict[str, int],
-                   skip: tuple[str, ...] = ()) -> int:
-  """Elements of one device's shard of an array of `shape` split per PartitionSpec `spec`
-  over mesh axes of `sizes` (axes in `skip` treated as unsplit)."""
-  n = 1
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    n *= dim // math.prod(sizes[a] for a in axes if a not in skip)
-  return n
-
-
-def _bytes(leaf, sizes: dict[str, int], skip: tuple[str, ...] = ()) -> int:
-  return shard_elements(leaf.shape, leaf.sharding.spec, sizes, skip) * leaf.dtype.itemsize
-
-
-def part_of(path: tuple[str, ...]) -> str:
-  """Which flops.param_counts part a parameter (its path in the params dict) belongs to."""
-  if path[0] == "embed":
-    return "embedding"
-  if path[0] == "unembed_DxV":
-    return "unembedding"
-  if path[0] == "final_norm" or path[1].endswith("norm"):
-    return "norms"
-  if path[1] == "attn":
-    return "attention"
-  if path[1] == "ffn":
-    return {"router": "router", "experts": "routed_experts",
-            "shared": "shared_experts"}.get(path[2], "dense_ffn")
-  raise ValueError(f"moex.footprint: no part for parameter {'/'.join(path)}")
-
-
-def named_leaves(tree) -> list[tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
-  """(path of dict keys, leaf) of every leaf of a pure-dict pytree."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return [(tuple(str(k.key) for k in path), leaf) for path, leaf in flat]
+def _bytes(leaf, sizes: dict[str, int]) -> int:
+  """Bytes of one device's shard of an abstract array with a sharding."""
+  return params.shard_elements(leaf.shape, leaf.sharding.spec, sizes) * leaf.dtype.itemsize
 
 
 def footprint(cfg: config_lib.Config, devices: int) -> Footprint:
@@ -143,12 +112,10 @@ def footprint(cfg: config_lib.Config, devices: int) -> Footprint:
   mesh_lib.check_layout(cfg, mesh, process_count=1)
   tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
   model, _ = state_lib.build(cfg, tx, mesh)
-  params = named_leaves(model.abstract_state["params"])
-  param_bytes = dict.fromkeys(flops.param_counts(cfg), 0)
-  for path, leaf in params:
-    param_bytes[part_of(path)] += _bytes(leaf, sizes)
+  leaves = params.tree(cfg)
+  param_bytes = params.device_bytes(leaves, cfg.mesh.rules, mesh)
   opt = jax.tree.leaves(model.abstract_state["opt_state"])
-  counts = flops.param_counts(cfg)
+  counts = params.counts(cfg)
   accum = cfg.train.grad_accum_steps
   b = cfg.data.batch_size // accum // sharding.batch_shards(cfg.mesh.rules, mesh)
   return Footprint(
@@ -157,11 +124,11 @@ def footprint(cfg: config_lib.Config, devices: int) -> Footprint:
       active_params=sum(c.active for c in counts.values()),
       embedding_params=counts["embedding"].total + counts["unembedding"].total,
       param_bytes=param_bytes,
-      param_dtypes=_dtypes(leaf for _, leaf in params),
+      param_dtypes=_dtypes(leaves),
       grad_bytes=sum(param_bytes.values()) * (2 if accum > 1 else 1),
       opt_bytes=sum(_bytes(x, sizes) for x in opt),
       opt_dtypes=_dtypes(x for x in opt if x.ndim),
-      activations=_activations(cfg, mesh, b, params),
+      activations=_activations(cfg, mesh, b, leaves),
       tokens=(b, cfg.data.seq_len))
 
 
@@ -214,7 +181,7 @@ def _block_bytes(cfg: config_lib.Config, mesh, b: int) -> dict[str, tuple[int, i
           "dense": (attn + dense, dots_attn + c * t * (2 * f_d + d))}
 
 
-def _activations(cfg: config_lib.Config, mesh, b: int, params) -> tuple[Term, ...]:
+def _activations(cfg: config_lib.Config, mesh, b: int, leaves) -> tuple[Term, ...]:
   """The activation estimate's terms (formulas in the module docstring)."""
   m = cfg.model
   c = jax.numpy.dtype(m.dtype).itemsize
@@ -240,17 +207,17 @@ def _activations(cfg: config_lib.Config, mesh, b: int, params) -> tuple[Term, ..
                     2 * c * t * m.d_model + 8 * t * v))
   if mesh.shape["fsdp"] > 1:
     terms.append(Term("one block's weights gathered over fsdp", "2 x (gathered - sharded)",
-                      2 * _largest_block_gather(params, dict(mesh.shape))))
+                      2 * _largest_block_gather(leaves, cfg.mesh.rules, mesh)))
   return tuple(terms)
 
 
-def _largest_block_gather(params, sizes: dict[str, int]) -> int:
+def _largest_block_gather(leaves, rules, mesh) -> int:
   """Extra bytes on a device when the largest block's weights are gathered over fsdp."""
-  extra = {}
-  for path, leaf in params:
-    if path[0].startswith("block_"):
-      gathered = _bytes(leaf, sizes, skip=("fsdp",))
-      extra[path[0]] = extra.get(path[0], 0) + gathered - _bytes(leaf, sizes)
+  extra: dict[int, int] = {}
+  for leaf in leaves:
+    if leaf.layer is not None:
+      gathered = leaf.device_bytes(rules, mesh, skip=("fsdp",))
+      extra[leaf.layer] = extra.get(leaf.layer, 0) + gathered - leaf.device_bytes(rules, mesh)
   return max(extra.values(), default=0)
 
 

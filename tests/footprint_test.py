@@ -1,4 +1,4 @@
-"""moex/footprint.py (and flops.param_counts): Mixtral 8x7B's parameters and what each device
+"""moex/footprint.py (and moex.model.params counts): Mixtral 8x7B's parameters and what each device
 holds on a mesh, computed without allocating a parameter."""
 
 import functools
@@ -13,7 +13,8 @@ from jax.sharding import AbstractMesh
 
 from experiments import mixtral_8x7b, tiny
 from moex import config as config_lib, footprint
-from moex.train import flops, optimizer, state as state_lib
+from moex.model import params
+from moex.train import optimizer, state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def _mixtral(**mesh):
 
 
 def test_mixtral_counts_its_published_total_and_active_parameters():
-  counts = flops.param_counts(_mixtral())
+  counts = params.counts(_mixtral())
   total = sum(c.total for c in counts.values())
   active = sum(c.active for c in counts.values())
   assert total == pytest.approx(46.7e9, rel=0.01)
@@ -46,22 +47,25 @@ def _model_elements(cfg) -> dict[str, int]:
   tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
   model, _ = state_lib.build(cfg, tx, AbstractMesh((1, 1, 1, 1), config_lib.MESH_AXES))
   out = {}
-  for path, leaf in footprint.named_leaves(model.abstract_state["params"]):
-    part = footprint.part_of(path)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(model.abstract_state["params"])[0]:
+    part = params.part_of(tuple(k.key for k in path), cfg.model)
     out[part] = out.get(part, 0) + math.prod(leaf.shape)
   return out
 
 
-def _tiny_with_every_part():
+def _tiny_with_every_part(qk_norm: str = "none"):
   cd = tiny.get_config()
   cd.model.first_dense_layers, cd.moe.num_shared_experts, cd.moe.d_shared = 1, 2, 64
+  cd.model.qk_norm = qk_norm
   return config_lib.validate(cd, vocab_size=259)
 
 
-@pytest.mark.parametrize("make", [_mixtral, _tiny_with_every_part], ids=["mixtral", "tiny"])
+@pytest.mark.parametrize("make", [
+    _mixtral, _tiny_with_every_part, lambda: _tiny_with_every_part("head"),
+    lambda: _tiny_with_every_part("full")], ids=["mixtral", "tiny", "tiny-qk-head", "tiny-qk-full"])
 def test_the_count_is_the_models_own(make):
   cfg = make()
-  want = {k: c.total for k, c in flops.param_counts(cfg).items() if c.total}
+  want = {k: c.total for k, c in params.counts(cfg).items() if c.total}
   assert _model_elements(cfg) == want
 
 
@@ -70,7 +74,7 @@ def test_footprint_allocates_no_parameter():
   fp = footprint.footprint(_mixtral(), 64)
   assert sum(x.nbytes for x in jax.live_arrays()) - before < 2 ** 20
   assert fp.mesh == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}  # fsdp=-1 from 64
-  assert fp.total_params == sum(c.total for c in flops.param_counts(_mixtral()).values())
+  assert fp.total_params == sum(c.total for c in params.counts(_mixtral()).values())
 
 
 def test_expert_bytes_halve_when_the_expert_axis_doubles():

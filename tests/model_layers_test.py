@@ -42,11 +42,11 @@ def _reference(attn, x_LxD, cfg):
   l, h, a = q.shape
   j = k.shape[1]
   if cfg.qk_norm == "head":
-    q = _rms(q, p(attn.q_norm.scale_D), cfg.norm_eps)
-    k = _rms(k, p(attn.k_norm.scale_D), cfg.norm_eps)
+    q = _rms(q, p(attn.q_norm.scale), cfg.norm_eps)
+    k = _rms(k, p(attn.k_norm.scale), cfg.norm_eps)
   elif cfg.qk_norm == "full":
-    q = _rms(q.reshape(l, h * a), p(attn.q_norm.scale_D), cfg.norm_eps).reshape(l, h, a)
-    k = _rms(k.reshape(l, j * a), p(attn.k_norm.scale_D), cfg.norm_eps).reshape(l, j, a)
+    q = _rms(q.reshape(l, h * a), p(attn.q_norm.scale), cfg.norm_eps).reshape(l, h, a)
+    k = _rms(k.reshape(l, j * a), p(attn.k_norm.scale), cfg.norm_eps).reshape(l, j, a)
   q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
   k, v = np.repeat(k, h // j, axis=1), np.repeat(v, h // j, axis=1)
   s = np.einsum("qha,kha->hqk", q, k) / np.sqrt(a)
@@ -62,10 +62,10 @@ def test_attention_matches_reference(qk_norm):
   cfg = _model_cfg(qk_norm)
   attn = layers.Attention(cfg, nnx.Rngs(0))
   if attn.q_norm is not None:  # non-trivial scales, different for q and k
-    attn.q_norm.scale_D[...] = 1 + jax.random.normal(jax.random.PRNGKey(1),
-                                                     attn.q_norm.scale_D.shape)
-    attn.k_norm.scale_D[...] = 1 + jax.random.normal(jax.random.PRNGKey(2),
-                                                     attn.k_norm.scale_D.shape)
+    attn.q_norm.scale[...] = 1 + jax.random.normal(jax.random.PRNGKey(1),
+                                                   attn.q_norm.scale.shape)
+    attn.k_norm.scale[...] = 1 + jax.random.normal(jax.random.PRNGKey(2),
+                                                   attn.k_norm.scale.shape)
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (1, 40, cfg.d_model)))
   got = np.asarray(attn(x))[0]
   want = _reference(attn, x[0].astype(np.float64), cfg)
@@ -75,10 +75,15 @@ def test_attention_matches_reference(qk_norm):
 def test_qk_norm_shapes():
   cfg = _model_cfg("full")
   attn = layers.Attention(cfg, nnx.Rngs(0))
-  assert attn.q_norm.scale_D.shape == (4 * 16,) and attn.k_norm.scale_D.shape == (2 * 16,)
+  assert attn.q_norm.scale.shape == (4 * 16,) and attn.k_norm.scale.shape == (2 * 16,)
   head = layers.Attention(_model_cfg("head"), nnx.Rngs(0))
-  assert head.q_norm.scale_D.shape == (16,) and head.k_norm.scale_D.shape == (16,)
+  assert head.q_norm.scale.shape == (16,) and head.k_norm.scale.shape == (16,)
   assert layers.Attention(_model_cfg("none"), nnx.Rngs(0)).q_norm is None
+  # Each scale is named for its width, one meaning per letter (D stays the model width).
+  assert (attn.q_norm.scale_name, attn.k_norm.scale_name) == ("scale_HA", "scale_JA")
+  assert (head.q_norm.scale_name, head.k_norm.scale_name) == ("scale_A", "scale_A")
+  assert layers.RMSNorm(8, _model_cfg("none"), nnx.Rngs(0)).scale_name == "scale_D"
+  assert set(nnx.to_pure_dict(nnx.state(attn.q_norm, nnx.Param))) == {"scale_HA"}
 
 
 def test_segment_mask_by_hand():

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import ladder
 from moex import config as config_lib
+from moex.model import params
 from moex.scaling import commands, laws, runs
 from moex.scaling.runs import ScalingError
 from moex.train import flops
@@ -29,7 +30,7 @@ def write_run(path, variant: str, loss: float | None = None, tokenizer: str = "b
   c.data.tokenizer = tokenizer
   cfg = config_lib.validate(c)
   if loss is None:
-    n = sum(x.active for x in flops.param_counts(cfg).values())
+    n = sum(x.active for x in params.counts(cfg).values())
     d = cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len
     loss = laws.chinchilla_loss(TRUE[variant.split("_")[0]], n, d)
   os.makedirs(path, exist_ok=True)

@@ -18,9 +18,9 @@ import ml_collections
 import pytest
 
 from moex import config as config_lib
+from moex.model import params
 from moex.scaling import commands, laws, plan
 from moex.scaling.runs import ScalingError
-from moex.train import flops
 
 LUD = laws.PUBLISHED["ludziejewski"]
 KRA = laws.PUBLISHED["krajewski"]
@@ -143,7 +143,7 @@ def test_written_config_trains_the_planned_size(tmp_path, law_name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = config_lib.validate(ml_collections.ConfigDict(module.get_config()))
-  active = sum(c.active for c in flops.param_counts(cfg).values())
+  active = sum(c.active for c in params.counts(cfg).values())
   assert active == pytest.approx(best.n_active, rel=0.1)
   assert cfg.train.steps == math.ceil(best.tokens / (64 * 1024))
   if law_name == "krajewski":

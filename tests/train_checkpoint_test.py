@@ -10,11 +10,16 @@ import pathlib
 import shutil
 
 import grain
+import jax
+import numpy as np
 import pytest
 from conftest import _tiny, _write_corpus
 
+from moex import config as config_lib
 from moex.config import ConfigError
-from moex.train import checkpoint, loop
+from moex.model import params as params_lib
+from moex.parallel import mesh as mesh_lib
+from moex.train import checkpoint, loop, optimizer, state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +158,22 @@ def test_tensorstore_os_errors_read_as_one_short_reason():
   assert reason(raw) == "File too large (errno 27)"
   assert reason(OSError(errno.ENOSPC, "No space left on device")) == (
       "No space left on device (errno 28)")
+
+
+def test_a_checkpoint_from_before_the_qk_norm_scales_were_renamed_resumes(tmp_path):
+  cd = _tiny(str(tmp_path / "corpus"), str(tmp_path / "cache"))
+  cd.model.qk_norm = "head"
+  cfg = config_lib.validate(cd, vocab_size=259)
+  tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
+  model, init_fn = state_lib.build(cfg, tx, mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1]))
+  state = init_fn(0)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), cfg.train)
+  data = lambda: iter(grain.MapDataset.range(8).to_iter_dataset())
+  ckpt.save(3, params_lib.with_old_names(state), data())  # q/k norm scales under scale_D
+  ckpt.wait()
+  restored = ckpt.restore(3, model.abstract_state, data())
+  ckpt.close()
+  assert set(restored["params"]["block_0"]["attn"]["k_norm"]) == {"scale_A"}
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

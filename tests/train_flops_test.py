@@ -5,9 +5,12 @@ import logging
 
 import jax
 import pytest
+from flax import nnx
 
 from experiments import tiny
-from moex import config as config_lib
+from moex import config as config_lib, footprint
+from moex.model import params
+from moex.model.decoder import Decoder
 from moex.train import flops
 
 
@@ -103,3 +106,29 @@ def test_mfu_remeasures_an_implausibly_low_cpu_peak(tmp_path, monkeypatch, caplo
   assert mfu.peak == per_device(4e11) and out["mfu"] == pytest.approx(0.2)
   monkeypatch.setattr(flops, "measure_matmul_peak", lambda *a: pytest.fail("re-measured"))
   mfu(0.9 * mfu.peak / mfu.flops_per_token)
+
+
+def _every_part(qk_norm: str):
+  """tiny with a dense first layer, shared experts and q/k norms (separate embed/unembed)."""
+  cd = tiny.get_config()
+  cd.model.first_dense_layers, cd.moe.num_shared_experts, cd.moe.d_shared = 1, 2, 64
+  cd.model.qk_norm = qk_norm
+  return config_lib.validate(cd, vocab_size=259)
+
+
+@pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
+def test_the_counts_agree_with_footprint_and_the_module(qk_norm):
+  cfg = _every_part(qk_norm)
+  counts = params.counts(cfg)
+  with nnx.use_eager_sharding(False):
+    model = Decoder(cfg.model, cfg.moe, nnx.Rngs(0))
+  own = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert sum(c.total for c in counts.values()) == own
+  fp = footprint.footprint(cfg, 1)  # one device, float32: bytes / 4 are the elements
+  assert fp.total_params == own
+  assert {k: b // 4 for k, b in fp.param_bytes.items()} == {k: c.total for k, c in counts.items()}
+  # The q/k norm scales are norms: elementwise, so no model FLOPs.
+  m = cfg.model
+  qk = {"none": 0, "head": 2 * m.head_dim, "full": (m.num_heads + m.num_kv_heads) * m.head_dim}
+  assert counts["norms"].total == (2 * m.num_layers + 1) * m.d_model + m.num_layers * qk[qk_norm]
+  assert flops.train_flops_per_token(cfg) == flops.train_flops_per_token(_every_part("none"))

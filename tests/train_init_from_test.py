@@ -17,6 +17,7 @@ from conftest import _tiny, _write_corpus
 from orbax.checkpoint._src.path import atomicity
 
 from moex import config as config_lib
+from moex.model import params as params_lib
 from moex.parallel import mesh as mesh_lib
 from moex.train import init_from, loop, optimizer, state as state_lib
 
@@ -208,3 +209,17 @@ def test_only_params_and_buffers_are_read_from_a_checkpoint(source, monkeypatch)
   params, _ = init_from.load_params(a_dir, abs_p, abs_b)
   assert len(read) == len(jax.tree.leaves(params))
   assert {name.split(".")[0] for name in read} == {"params"}, read
+
+
+def test_params_written_before_the_qk_norm_scales_were_renamed_still_load(tmp_path):
+  cd = _tiny(str(tmp_path / "corpus"), str(tmp_path / "cache"))
+  cd.model.qk_norm = "full"
+  abs_p, abs_b, init_fn = _abstract(cd)
+  state = init_fn(0)
+  old = params_lib.with_old_names(state["params"])  # q/k norm scales under scale_D
+  assert set(old["block_0"]["attn"]["q_norm"]) == {"scale_D"}
+  init_from.save_params(str(tmp_path / "old"), old, state["buffers"])
+  loaded, _ = init_from.load_params(str(tmp_path / "old"), abs_p, abs_b)
+  assert set(loaded["block_0"]["attn"]["q_norm"]) == {"scale_HA"}
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -60,7 +60,7 @@ def _write_source(workdir: pathlib.Path, cd, seed: int = 0):
 
   def draw(path, a):
     name = path[-1].key
-    if name == "scale_D":
+    if name.startswith("scale_"):  # norm scales: scale_D, and scale_A etc. of q/k norms
       return (1 + 0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
     mean, std = DIST.get(name, (0.0, 0.2))
     return rng.normal(mean, std, a.shape).astype(a.dtype)

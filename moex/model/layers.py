@@ -2,7 +2,8 @@
 form for generation, moex/model/cache.py), SwiGLU.
 
 Shape letters: B batch, L length, D model width, V vocabulary, H query heads,
-J key/value heads, A head width, F feed-forward hidden width.
+J key/value heads, A head width, F feed-forward hidden width, W a norm's width (any of D, A,
+H*A, J*A); letters side by side (HA) are one axis of their product.
 Parameters carry logical axis names (`out_sharding`); moex/parallel/sharding.py maps
 them to mesh axes with the config's rules.
 """
@@ -39,18 +40,29 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm with a learned scale, computed in float32."""
+  """Root-mean-square norm over the last axis with a learned scale, computed in float32.
 
-  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+  The scale is named for the width it normalizes, one meaning per letter: scale_D (model
+  width), scale_A (one head: q/k norm "head"), scale_HA and scale_JA (all query or key heads
+  flattened: q/k norm "full").
+  """
+
+  def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs, width: str = "D"):
     del rngs
-    self.scale_D = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)),
-                             out_sharding=("norm",))
+    self.scale_name = f"scale_{width}"
+    setattr(self, self.scale_name, nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)),
+                                             out_sharding=("norm",)))
     self.eps = cfg.norm_eps
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    x = x_BxLxD.astype(jnp.float32)
+  @property
+  def scale(self) -> nnx.Param:
+    return getattr(self, self.scale_name)
+
+  def __call__(self, x_BxLxW: jax.Array) -> jax.Array:
+    """x [..., W], W the scale's width (D, A, H*A or J*A)."""
+    x = x_BxLxW.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale_D[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BxLxW.dtype)
 
 
 def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -89,9 +101,9 @@ class Attention(nnx.Module):
     self.theta = cfg.rope_theta
     # q/k RMSNorm before RoPE (model.qk_norm): per head over A, or over the whole projection.
     self.qk_norm = cfg.qk_norm
-    widths = {"none": None, "head": (a, a), "full": (h * a, j * a)}[cfg.qk_norm]
-    self.q_norm = None if widths is None else RMSNorm(widths[0], cfg, rngs)
-    self.k_norm = None if widths is None else RMSNorm(widths[1], cfg, rngs)
+    norms = {"head": ((a, "A"), (a, "A")), "full": ((h * a, "HA"), (j * a, "JA"))}.get(cfg.qk_norm)
+    self.q_norm = None if norms is None else RMSNorm(norms[0][0], cfg, rngs, width=norms[0][1])
+    self.k_norm = None if norms is None else RMSNorm(norms[1][0], cfg, rngs, width=norms[1][1])
 
   def _norm(self, norm: "RMSNorm | None", x_BxLxHxA: jax.Array) -> jax.Array:
     if norm is None:

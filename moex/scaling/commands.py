@@ -228,7 +228,7 @@ def experiment_config(p: plan.Plan, law: laws.Law, batch_size: int, seq_len: int
                       vocab_size: int, command: str) -> str:
   """A moex experiment file training the plan: widths and depth for its active parameters
   (moex's count), steps for the batch, experts for its E (top-1) or G (top-G of 64 G)."""
-  from moex.scaling import shapes  # imports jax (param_counts): only when writing a config
+  from moex.scaling import shapes  # imports jax (params.counts): only when writing a config
 
   shape = shapes.shape_for(p, law, vocab_size, seq_len)
   steps = max(1, math.ceil(p.tokens / (batch_size * seq_len)))

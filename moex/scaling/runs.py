@@ -1,7 +1,7 @@
 """The runs a scaling fit reads: finished workdirs (config.json + metrics.jsonl) as points.
 
-Each finished run becomes one RunPoint: active and total parameters (moex.train.flops's
-param_counts, the one count), tokens seen (train.steps x data.batch_size x data.seq_len),
+Each finished run becomes one RunPoint: active and total parameters (moex.model.params
+counts, the one count), tokens seen (train.steps x data.batch_size x data.seq_len),
 model FLOPs (train_flops_per_token x tokens), its final eval loss (nats per token) and its
 family (experts, top-k). Refusals are one line (ScalingError) naming the path.
 """
@@ -73,7 +73,8 @@ def final_eval(metrics: list[dict], steps: int) -> float | None:
 
 def point(workdir: str) -> RunPoint | None:
   """The run in `workdir` as a RunPoint; None when it has not finished."""
-  from moex.train import flops  # imports jax: only when reading runs
+  from moex.model import params  # imports jax: only when reading runs
+  from moex.train import flops
 
   try:
     with open(os.path.join(workdir, "config.json")) as f:
@@ -83,7 +84,7 @@ def point(workdir: str) -> RunPoint | None:
   loss = final_eval(read.read_jsonl(os.path.join(workdir, "metrics.jsonl")), cfg.train.steps)
   if loss is None:
     return None
-  counts = flops.param_counts(cfg)
+  counts = params.counts(cfg)
   tokens = float(cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len)
   moe = bool(cfg.model.moe_layers)
   return RunPoint(

@@ -3,7 +3,7 @@
 Depth and width follow d_model ~ 64 x num_layers (Krajewski et al.'s aspect ratio, close
 to GPT-3's and Llama's at these sizes), head width 64 (128 from d_model 1024), SwiGLU width
 8/3 d_model rounded to 64 (12 d^2 per block with attention, as the laws' FLOPs assume); the
-depth whose moex active-parameter count (moex.train.flops.param_counts, embeddings included)
+depth whose moex active-parameter count (moex.model.params.counts, embeddings included)
 is closest to the plan's is chosen. Experts: the joint law's E as E experts of the FFN's
 width, top-1; Krajewski's G as 64 G experts of width d_ff / G, top-G; dense: no MoE layer.
 """
@@ -17,7 +17,7 @@ import ml_collections
 
 from moex import config as config_lib
 from moex.scaling import laws, plan
-from moex.train import flops
+from moex.model import params
 
 MAX_LAYERS = 160
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -68,7 +68,7 @@ def config_of(s: dict, vocab_size: int, seq_len: int,
 def active(s: dict, vocab_size: int, seq_len: int, base: ml_collections.ConfigDict) -> float:
   """moex's active-parameter count of the shape."""
   cfg = config_lib.validate(config_of(s, vocab_size, seq_len, base))
-  return float(sum(c.active for c in flops.param_counts(cfg).values()))
+  return float(sum(c.active for c in params.counts(cfg).values()))
 
 
 def shape_for(p: plan.Plan, law: laws.Law, vocab_size: int, seq_len: int) -> dict:
@@ -90,7 +90,7 @@ def render(s: dict, steps: int, batch_size: int, seq_len: int, vocab_size: int,
       f'"""Written by `{command}`.', "",
       f"The plan: {p.n_active:.3g} active parameters, {p.tokens:.3g} tokens, predicted loss "
       f"{p.loss:.4f}", f"(the law's units). This model: {s['n_active']:.4g} active parameters "
-      "(moex.train.flops.param_counts),",
+      "(moex.model.params.counts),",
       f"{steps} steps of {batch_size} x {seq_len} tokens. Set data.tokenizer to a tokenizer of "
       f"{vocab_size} ids.", "",
       "  python -m moex.main --config=THIS_FILE --workdir=workdirs/planned", '"""', "",

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from moex import errors
 from moex.config import ConfigError, TrainConfig
 from moex.data import pipeline
+from moex.model import params as params_lib
 from moex.train import workdir as workdir_lib
 
 
@@ -164,19 +165,23 @@ class Checkpointer:
     A tree or shape that differs from the saved metadata is a different model (ConfigError);
     a file that is missing or cannot be read or decoded is a broken checkpoint (_Unreadable).
     """
-    self._check_matches(step, abstract_state)
+    target = self._check_matches(step, abstract_state)
     try:
       with _quiet_abandoned_futures():
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+            state=ocp.args.StandardRestore(target)))
     except Exception as e:  # pylint: disable=broad-exception-caught
       raise _Unreadable(f"state: {_reason(e)}") from None
     self._restore_data(step, data_iter)
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    if target is not abstract_state:  # back under this moex's names
+      return jax.tree.unflatten(jax.tree.structure(abstract_state),
+                                jax.tree.leaves(restored["state"]))
     return restored["state"]
 
-  def _check_matches(self, step: int, abstract_state: dict) -> None:
-    """Compares the saved tree and shapes with this config's (before reading any array)."""
+  def _check_matches(self, step: int, abstract_state: dict) -> dict:
+    """Compares the saved tree and shapes with this config's (before reading any array);
+    returns the restore target (abstract_state, or it under a workdir's old names)."""
     try:
       with _quiet_abandoned_futures():
         meta = self.manager.item_metadata(step)["state"]
@@ -185,9 +190,11 @@ class Checkpointer:
     if meta is None:
       raise _Unreadable("state/_METADATA is missing")
     saved = _flat_shapes(meta.tree)
-    wanted = _flat_shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    target = (params_lib.with_old_names(abstract_state) if params_lib.has_old_names(saved)
+              else abstract_state)
+    wanted = _flat_shapes(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
     if saved == wanted:
-      return
+      return target
     keys = sorted(set(saved) ^ set(wanted))
     if keys:
       where = "saved only" if keys[0] in saved else "this config only"

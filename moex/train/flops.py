@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from moex.config import Config
+from moex.model import params
 
 # bf16 dense peak per chip (TFLOP/s), from the vendors' data sheets.
 PEAK_TFLOPS = {
@@ -45,57 +46,18 @@ PEAK_TFLOPS = {
 }
 
 
-class Count(NamedTuple):
-  """Parameters of one part of the decoder: stored, and used by each token."""
-
-  total: int
-  active: int
-
-
-# The parts a token multiplies with in a matmul; norm scales (elementwise) are not FLOPs.
-MATMUL_PARTS = ("embedding", "unembedding", "attention", "router", "routed_experts",
-                "shared_experts", "dense_ffn")
-
-
-def param_counts(cfg: Config) -> dict[str, Count]:
-  """The decoder's parameters by part, total and active per token, from the config alone.
-
-  The one count (FLOPs, moex.footprint, the tests compare it with the model's arrays).
-  Active = all but the routed experts, of which K per token. The embedding and unembedding
-  count in both, as in Mixtral's published 46.7B total / 12.9B active. Buffers (the
-  aux-loss-free router bias) are not parameters.
-  """
-  m, e = cfg.model, cfg.moe
-  d = m.d_model
-  moe_layers = len(m.moe_layers)
-  dense_layers = m.num_layers - moe_layers
-  expert = 3 * d * e.d_expert  # gate, up [D, F] and down [F, D]
-  shared = e.num_shared_experts * (e.d_shared or e.d_expert)
-  every = lambda n: Count(n, n)
-  return {
-      "embedding": every(m.vocab_size * d),
-      "unembedding": every(d * m.vocab_size),
-      "attention": every(m.num_layers * d * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)),
-      "norms": every((2 * m.num_layers + 1) * d),
-      "router": every(moe_layers * d * e.num_experts),
-      "routed_experts": Count(moe_layers * e.num_experts * expert, moe_layers * e.top_k * expert),
-      "shared_experts": every(moe_layers * 3 * d * shared),
-      "dense_ffn": every(dense_layers * 3 * d * m.d_ff),
-  }
-
-
 def active_params_per_token(cfg: Config) -> dict[str, int]:
-  """Parameters a token's forward pass multiplies with, by part (MATMUL_PARTS)."""
-  counts = param_counts(cfg)
-  return {part: counts[part].active for part in MATMUL_PARTS}
+  """Parameters a token's forward pass multiplies with, by part (params.MATMUL_PARTS)."""
+  counts = params.counts(cfg)
+  return {part: counts[part].active for part in params.MATMUL_PARTS}
 
 
 def train_flops_per_token(cfg: Config) -> float:
   """Model FLOPs to train on one token (forward + backward)."""
   m = cfg.model
-  params = sum(active_params_per_token(cfg).values())
+  n = sum(active_params_per_token(cfg).values())
   attention_quadratic = 6 * m.num_layers * cfg.data.seq_len * m.num_heads * m.head_dim / 2
-  return 6.0 * params + attention_quadratic
+  return 6.0 * n + attention_quadratic
 
 
 def _cache_path() -> str:

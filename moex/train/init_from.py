@@ -23,6 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from moex.config import ConfigError
+from moex.model import params as params_lib
 from moex.train import workdir as workdir_lib
 from moex.train.checkpoint import CheckpointError, _quiet_abandoned_futures, _reason
 
@@ -66,16 +67,20 @@ def load_params(source: str, abstract_params, abstract_buffers) -> tuple[dict, d
   """
   where, label = locate(source)
   wanted = {"params": abstract_params, "buffers": abstract_buffers}
-  _check_shapes(_saved_shapes(where), _flat_shapes(wanted), where)
+  saved = _saved_shapes(where)
+  target = params_lib.with_old_names(wanted) if params_lib.has_old_names(saved) else wanted
+  _check_shapes(saved, _flat_shapes(target), where)
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape),
-      wanted)
+      target)
   try:
     with _quiet_abandoned_futures():
       restored = ocp.PyTreeCheckpointer().restore(where, args=ocp.args.PyTreeRestore(
-          item=wanted, restore_args=restore_args, partial_restore=True))
+          item=target, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise CheckpointError(f"train.init_from: cannot read {where} ({_reason(e)})") from None
+  if target is not wanted:  # back under this moex's names
+    restored = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(restored))
   params, buffers = restored["params"], restored.get("buffers") or {}
   logging.info("init_from: %d parameters from %s (%s)", _size(params), source, label)
   return params, buffers

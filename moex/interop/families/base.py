@@ -10,7 +10,7 @@ weights are [out, in]:
 | block_N/attn_norm/scale_D         | model.layers.N.input_layernorm.weight              |
 | block_N/attn/q_DxHxA              | self_attn.q_proj.weight [H*A, D] (k, v: [J*A, D])  |
 | block_N/attn/o_HxAxD              | self_attn.o_proj.weight [D, H*A]                   |
-| block_N/attn/{q,k}_norm/scale_D   | self_attn.{q,k}_norm.weight ([A] or [H*A], [J*A])  |
+| block_N/attn/{q,k}_norm/scale_W   | self_attn.{q,k}_norm.weight (W: A, A or HA, JA)    |
 | block_N/ffn_norm/scale_D          | post_attention_layernorm.weight                    |
 | block_N/ffn/router/kernel_DxE     | <moe>.gate.weight [E, D]                           |
 | block_N/ffn/experts/gate_ExDxF[e] | <moe>.experts.e.<gate>.weight [F, D] (up alike)    |
@@ -325,9 +325,10 @@ class Family:
           p + "self_attn.o_proj.weight", (d, h * a),
           lambda w: w.T.reshape(h, a, d), lambda w: w.reshape(h * a, d).T))
       if model.qk_norm != "none":
-        qw, kw = (a, a) if model.qk_norm == "head" else (h * a, j * a)
-        add(b + "attn/q_norm/scale_D", (qw,), _plain(p + "self_attn.q_norm.weight", (qw,)))
-        add(b + "attn/k_norm/scale_D", (kw,), _plain(p + "self_attn.k_norm.weight", (kw,)))
+        (qw, ql), (kw, kl) = ((a, "A"), (a, "A")) if model.qk_norm == "head" else (
+            (h * a, "HA"), (j * a, "JA"))
+        add(b + f"attn/q_norm/scale_{ql}", (qw,), _plain(p + "self_attn.q_norm.weight", (qw,)))
+        add(b + f"attn/k_norm/scale_{kl}", (kw,), _plain(p + "self_attn.k_norm.weight", (kw,)))
       add(b + "ffn_norm/scale_D", (d,), _plain(p + "post_attention_layernorm.weight", (d,)))
       if model.is_moe_layer(n):
         e, f, m = moe.num_experts, moe.d_expert, p + layout.prefix
