@@ -102,7 +102,7 @@ def test_bad_flag_value_is_one_line(tmp_path):
   assert last.endswith("(see --helpshort)")
 
 
-def test_checkpoint_io_error_is_one_line_and_not_a_config_error(tmp_path, monkeypatch):
+def test_checkpoint_io_error_is_one_line_and_not_a_config_error(tmp_path, monkeypatch, capsys):
   said = ("checkpoints: could not write step 6 to /w/checkpoints (No space left on device "
           "(errno 28)); free space or fix that directory, then re-run to resume from step 3")
 
@@ -110,6 +110,8 @@ def test_checkpoint_io_error_is_one_line_and_not_a_config_error(tmp_path, monkey
     raise checkpoint.CheckpointError(said)
 
   monkeypatch.setattr(loop, "train_and_evaluate", disk_full)
+  if "heartbeat_timeout" not in flags.FLAGS:  # flags are defined by the command, not at import
+    main_lib.define_flags()
   flags.FLAGS(["moex", f"--config={ROOT / 'experiments' / 'tiny.py'}",
                f"--workdir={tmp_path / 'run'}"])
   try:
@@ -117,4 +119,5 @@ def test_checkpoint_io_error_is_one_line_and_not_a_config_error(tmp_path, monkey
       main_lib.main([])
   finally:
     flags.FLAGS.unparse_flags()
-  assert e.value.code == f"moex: {said}"
+  assert e.value.code == 2  # a refusal (moex.errors.EXIT_CODE)
+  assert capsys.readouterr().err.strip().splitlines()[-1] == f"moex: {said}"

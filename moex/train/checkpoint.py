@@ -27,10 +27,10 @@ from moex import errors
 from moex.config import ConfigError, TrainConfig
 from moex.data import pipeline
 from moex.model import params as params_lib
-from moex.train import workdir as workdir_lib
+from moex import workdir as workdir_lib
 
 
-UNREADABLE = "checkpoints_unreadable"  # Beside checkpoints/: where unreadable ones are moved.
+UNREADABLE = workdir_lib.UNREADABLE  # Beside checkpoints/: where unreadable ones are moved.
 
 
 class CheckpointError(OSError, errors.Refusal):
@@ -96,7 +96,7 @@ class Checkpointer:
   """Saves and restores {"state": train state, "data": grain iterator}."""
 
   def __init__(self, workdir: str, cfg: TrainConfig):
-    self.directory = workdir_lib.path(workdir) / "checkpoints"  # gs:// kept as a URL
+    self.directory = workdir_lib.path(workdir) / workdir_lib.CHECKPOINTS  # gs:// kept as a URL
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

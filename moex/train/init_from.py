@@ -24,10 +24,10 @@ from jax.experimental import multihost_utils
 
 from moex.config import ConfigError
 from moex.model import params as params_lib
-from moex.train import workdir as workdir_lib
+from moex import workdir as workdir_lib
 from moex.train.checkpoint import CheckpointError, _quiet_abandoned_futures, _reason
 
-PARAMS = "params"  # SOURCE/params/: the parameters-only checkpoint.
+PARAMS = workdir_lib.PARAMS  # SOURCE/params/: the parameters-only checkpoint.
 _SAVE_GB = 1  # save_params: GB staged to host and being written at once.
 _KINDS = {"params": "parameter", "buffers": "buffer"}
 
@@ -58,49 +58,69 @@ def save_params(directory: str, params: dict, buffers: dict) -> None:
   logging.info("init_from: wrote %d parameters to %s", _size(params), root / PARAMS)
 
 
-def load_params(source: str, abstract_params, abstract_buffers) -> tuple[dict, dict]:
+def load_params(source: str, abstract_params, abstract_buffers, who: str = "train.init_from",
+                none: str | None = None) -> tuple[dict, dict]:
   """(params, buffers) from workdir `source`, shaped, typed and sharded like the abstract
   trees (jax.ShapeDtypeStruct leaves with shardings: state.build's abstract_state parts).
 
-  ConfigError (one line) when `source` holds neither params/ nor a checkpoint, or when a
-  parameter is missing, extra or of another shape; CheckpointError when it cannot be read.
+  Reads params/, else the newest checkpoint that reads back: newer unreadable ones are
+  passed over with one warning and left where they are (a reader never moves files).
+  Every message starts with `who` (the caller's name for the source: "train.init_from",
+  "--workdir=DIR"). ConfigError (one line) when `source` holds neither params/ nor a
+  checkpoint (`none`, if given, is that message), or when a parameter is missing, extra or
+  of another shape; CheckpointError when nothing can be read.
   """
-  where, label = locate(source)
+  wd = workdir_lib.Workdir(source)
   wanted = {"params": abstract_params, "buffers": abstract_buffers}
-  saved = _saved_shapes(where)
-  target = params_lib.with_old_names(wanted) if params_lib.has_old_names(saved) else wanted
-  _check_shapes(saved, _flat_shapes(target), where)
+  skipped = []
+  for w in wd.weight_sources(who, none):
+    try:
+      saved = _saved_shapes(w.path)
+      old = params_lib.has_old_names(saved)
+      target = params_lib.with_old_names(wanted) if old else wanted
+      _check_shapes(saved, _flat_shapes(target), w.path, who)
+      restored = _restore(w.path, target)
+      if old:  # back under this moex's names
+        restored = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(restored))
+    except _Unreadable as e:
+      if w.step is None:  # params/ is the only source when it exists
+        raise CheckpointError(f"{who}: cannot read {e.what}{w.path} ({e.reason})") from None
+      skipped.append((w, e.reason))
+      continue
+    workdir_lib.warn_skipped(who, wd, skipped, w)
+    params, buffers = restored["params"], restored.get("buffers") or {}
+    logging.info("init_from: %d parameters from %s (%s)", _size(params), source, w.label)
+    return params, buffers
+  raise CheckpointError(f"{who}: no checkpoint in {wd.path / workdir_lib.CHECKPOINTS} can be "
+                        "read (" + "; ".join(f"step {w.step}: {why}" for w, why in skipped)
+                        + ")")
+
+
+class _Unreadable(Exception):
+  """An orbax tree's metadata or arrays do not read (`what` says which, `reason` why)."""
+
+  def __init__(self, what: str, reason: str):
+    super().__init__(f"{what}{reason}")
+    self.what, self.reason = what, reason
+
+
+def _restore(where: epath.Path, wanted: dict) -> dict:
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape),
-      target)
+      wanted)
   try:
     with _quiet_abandoned_futures():
-      restored = ocp.PyTreeCheckpointer().restore(where, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=True))
+      return ocp.PyTreeCheckpointer().restore(where, args=ocp.args.PyTreeRestore(
+          item=wanted, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise CheckpointError(f"train.init_from: cannot read {where} ({_reason(e)})") from None
-  if target is not wanted:  # back under this moex's names
-    restored = jax.tree.unflatten(jax.tree.structure(wanted), jax.tree.leaves(restored))
-  params, buffers = restored["params"], restored.get("buffers") or {}
-  logging.info("init_from: %d parameters from %s (%s)", _size(params), source, label)
-  return params, buffers
+    raise _Unreadable("", _reason(e)) from None
 
 
-def locate(source: str) -> tuple[epath.Path, str]:
-  """The orbax tree to read (params/, else the newest checkpoint's state) and its label."""
-  root = workdir_lib.path(source)
-  params = root / PARAMS
-  if params.exists():
-    if not ocp.step.is_path_finalized(params):
-      raise ConfigError(f"train.init_from: {params} is not a finished write (orbax's "
-                        "commit marker is missing); write it again with save_params")
-    return params, f"{PARAMS}/"
-  checkpoints = root / "checkpoints"
-  steps = ocp.utils.checkpoint_steps(checkpoints) if checkpoints.exists() else []
-  steps = [s for s in steps if (checkpoints / str(s) / "state").exists()]
-  if not steps:
-    raise ConfigError(f"train.init_from: {source} has neither {PARAMS}/ nor a checkpoint")
-  return checkpoints / str(max(steps)) / "state", f"checkpoint step {max(steps)}"
+def locate(source: str, who: str = "train.init_from") -> tuple[epath.Path, str]:
+  """The orbax tree to read (params/, else the newest readable checkpoint's state) and its
+  label (Workdir.weights)."""
+  w = workdir_lib.Workdir(source).weights(who)
+  return w.path, w.label
 
 
 def _saved_shapes(where: epath.Path) -> dict:
@@ -109,8 +129,7 @@ def _saved_shapes(where: epath.Path) -> dict:
     with _quiet_abandoned_futures():
       tree = ocp.PyTreeCheckpointer().metadata(where).item_metadata.tree
   except Exception as e:  # pylint: disable=broad-exception-caught
-    raise CheckpointError(f"train.init_from: cannot read the metadata of {where} "
-                          f"({_reason(e)})") from None
+    raise _Unreadable("the metadata of ", _reason(e)) from None
   return _flat_shapes({k: tree.get(k) or {} for k in _KINDS})
 
 
@@ -119,20 +138,20 @@ def _flat_shapes(tree: dict) -> dict:
   return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
 
 
-def _check_shapes(saved: dict, wanted: dict, where: epath.Path) -> None:
+def _check_shapes(saved: dict, wanted: dict, where: epath.Path, who: str) -> None:
   """ConfigError naming the first parameter (or buffer) missing, extra or differently shaped."""
   for key, shape in wanted.items():
     kind, name = _KINDS[key[0]], "/".join(key[1:])
     if key not in saved:
-      raise ConfigError(f"train.init_from: {kind} {name} is not in {where}; the config makes "
+      raise ConfigError(f"{who}: {kind} {name} is not in {where}; the config makes "
                         f"it {shape}")
     if saved[key] != shape:
-      raise ConfigError(f"train.init_from: {kind} {name} has shape {saved[key]} in {where}, "
+      raise ConfigError(f"{who}: {kind} {name} has shape {saved[key]} in {where}, "
                         f"the config makes {shape}")
   for key in saved:
     if key not in wanted:
       kind, name = _KINDS[key[0]], "/".join(key[1:])
-      raise ConfigError(f"train.init_from: {kind} {name} {saved[key]} in {where} is not in "
+      raise ConfigError(f"{who}: {kind} {name} {saved[key]} in {where} is not in "
                         "the config's model")
 
 

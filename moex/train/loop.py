@@ -10,7 +10,6 @@ disk is good).
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import time
 
@@ -28,18 +27,13 @@ from moex.moe import dispatch as moe_dispatch, stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import checkpoint, flops, init_from, optimizer, profiler, state as state_lib
 from moex.train import step as step_lib
-from moex.train import workdir as workdir_lib, writers
+from moex import workdir as workdir_lib
+from moex.train import writers
 
 
 def prepare(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
   """Validates the config (vocab size from the tokenizer); builds and checks the mesh."""
-  if not isinstance(cd.get("data"), ml_collections.ConfigDict) or "tokenizer" not in cd.data:
-    config_lib.validate(cd)  # raises the one line naming the missing section or key
-  try:
-    tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
+  cfg = workdir_lib.validate(cd)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   mesh_lib.check_layout(cfg, mesh)
   return cfg, mesh
@@ -129,12 +123,12 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
   # Read before it is overwritten: the train.steps the checkpoints' schedule was made for.
   previous_steps = _previous_steps(workdir) if jax.process_index() == 0 else None
   if jax.process_index() == 0:
+    wd = workdir_lib.Workdir(workdir)
+    # The tokenizer's files (none for "byte"), so the workdir alone can be read back.
+    tokenizer_lib.save(data.tokenizer, wd.path / workdir_lib.TOKENIZER)
     resolved = cd.to_dict()
     resolved["model"]["vocab_size"] = cfg.model.vocab_size
-    (workdir_lib.path(workdir) / "config.json").write_text(
-        json.dumps(resolved, indent=2, default=str))
-    # The tokenizer's files (none for "byte"), so the workdir alone can be read back.
-    tokenizer_lib.save(data.tokenizer, workdir_lib.path(workdir) / "tokenizer")
+    wd.write_config(resolved)
 
   tx, lr_schedule = optimizer.make(cfg.opt, cfg.train.steps)
   # Shardings are explicit NamedShardings from the config's rules: no mesh context needed.
@@ -173,9 +167,8 @@ def _initial_state(cfg: config_lib.Config, model: state_lib.Model, tx, init_fn) 
 def _previous_steps(workdir: str) -> int | None:
   """train.steps in the workdir's config.json from an earlier run, if there is one."""
   try:
-    return int(json.loads((workdir_lib.path(workdir) / "config.json").read_text())
-               ["train"]["steps"])
-  except (OSError, ValueError, KeyError, TypeError):
+    return int(workdir_lib.Workdir(workdir).raw_config()["train"]["steps"])
+  except (OSError, ValueError, KeyError, TypeError):  # WorkdirError is an OSError
     return None
 
 

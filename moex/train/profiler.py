@@ -18,7 +18,7 @@ import jax
 from absl import logging
 
 from moex.config import TrainConfig
-from moex.train import workdir as workdir_lib
+from moex import workdir as workdir_lib
 
 
 class StepProfiler:
@@ -26,7 +26,7 @@ class StepProfiler:
 
   def __init__(self, cfg: TrainConfig, workdir: str):
     self.start, self.stop = cfg.profile_start, cfg.profile_start + cfg.profile_steps - 1
-    self.log_dir = os.fspath(workdir_lib.path(workdir) / "tensorboard")
+    self.log_dir = os.fspath(workdir_lib.path(workdir) / workdir_lib.TENSORBOARD)
     self.enabled = cfg.profile_steps > 0 and jax.process_index() == 0
     self.active = False
     if self.enabled and workdir_lib.is_remote(workdir):

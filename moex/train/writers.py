@@ -16,11 +16,11 @@ import jax
 from absl import logging
 from etils import epath
 
-from moex.train import workdir as workdir_lib
+from moex import workdir as workdir_lib
 
-METRICS = "metrics.jsonl"
-MOE_STATS = "moe_stats.jsonl"
-PARTS = ".parts"  # NAME.parts/: the remote form of a log
+METRICS = workdir_lib.METRICS
+MOE_STATS = workdir_lib.MOE_STATS
+PARTS = workdir_lib.PARTS  # NAME.parts/: the remote form of a log
 
 
 def _clean(v):
@@ -97,7 +97,7 @@ class Writer:
       return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.fspath(self.workdir / "tensorboard"))
+      self._tb = SummaryWriter(os.fspath(self.workdir / workdir_lib.TENSORBOARD))
     except ImportError:
       logging.warning("tensorboardX not installed: no TensorBoard events")
 

@@ -1,4 +1,5 @@
-"""Tests for moex/train/workdir.py: one run per workdir (DIR/lock), remote workdir paths."""
+"""Tests for moex/workdir.py: the Workdir object (config, tokenizer, weights, finished), one run
+per workdir (DIR/lock), remote workdir paths."""
 
 import json
 import os
@@ -9,7 +10,8 @@ import sys
 import pytest
 
 from moex import report
-from moex.train import checkpoint, loop, workdir, writers
+from moex import workdir
+from moex.train import checkpoint, loop, writers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +56,7 @@ def test_main_refuses_a_held_workdir_in_one_line(tmp_path):
                        cwd=ROOT)
   finally:
     held.release()
-  assert r.returncode == 1
+  assert r.returncode == 2  # a refusal
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith(f"moex: workdir {d} is in use by pid {os.getpid()} on host "), last
   assert last.endswith(f"wait for it or remove {d}/lock if that process is gone"), last
@@ -65,7 +67,7 @@ def test_main_on_a_workdir_that_is_a_file_is_one_line(tmp_path):
   f.write_text("not a directory")
   r = subprocess.run([sys.executable, "-m", "moex.main", "--config=experiments/tiny.py",
                       f"--workdir={f}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-  assert r.returncode == 1
+  assert r.returncode == 2  # a refusal
   assert r.stderr.strip().splitlines()[-1] == (
       f"moex: workdir {f}: is a file, not a directory; pick another --workdir")
   assert "Traceback" not in r.stderr and "config error" not in r.stderr
