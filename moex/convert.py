@@ -1,16 +1,16 @@
 """Checkpoints in and out of moex: Hugging Face model directories <-> moex workdirs.
 
-Import (a Mixtral, Qwen3-MoE, OLMoE, Llama or Mistral directory: config.json, safetensors,
+Import (a Mixtral, Qwen3-MoE, OLMoE, Llama or Mistral directory: its config, safetensors,
 tokenizer files):
 
   python -m moex.convert --from_hf=/models/OLMoE-1B-7B --workdir=/tmp/moex/olmoe
 
-writes WORKDIR/config.json (the resolved moex config: model and moe sections from
-config.json, the rest from --config, default experiments/tiny.py, with overrides such as
---config.data.seq_len=1024), WORKDIR/params/ (orbax, sharded per the config's mesh rules, in
-the checkpoint's dtype), WORKDIR/tokenizer/ and WORKDIR/hf_source.json. config.json is
-written last: a workdir without it is an import that did not finish, and running the same
-command again redoes it. Fine-tune from it with `train.init_from=WORKDIR`
+writes WORKDIR/params/ (orbax, sharded per the config's mesh rules, in the checkpoint's
+dtype), WORKDIR/tokenizer/, WORKDIR/hf_source.json and, last, the workdir's config (the
+resolved moex config: model and moe sections from the directory's config, the rest from
+--config, default experiments/tiny.py, with overrides such as --config.data.seq_len=1024).
+A workdir without its config is an import that did not finish; running the same command
+again redoes it. Fine-tune from it with `train.init_from=WORKDIR`
 (experiments/finetune.py).
 
 Export (a workdir's newest readable checkpoint, or its imported params/):
@@ -46,7 +46,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "The moex workdir (import: new; export: source).")
   config = config_flags.DEFINE_config_file(
       "config", None, "Import: the moex config whose data/opt/train/mesh sections the "
-      "imported workdir keeps (model and moe come from config.json); default "
+      "imported workdir keeps (model and moe come from the HF config); default "
       "experiments/tiny.py.", lock_config=False)
   flags.DEFINE_string(
       "tokenizer", None, "Import: tokenizer file or directory (default: the model "

@@ -121,6 +121,8 @@ def test_export_round_trip_loads_in_transformers_without_warnings(hub_dir, tmp_p
   hf.export(lambda path: _get(params, path), cfg, str(out), architecture=fam.architecture,
             max_shard_bytes=64 << 10)
   assert not (tmp_path / "export.partial").exists()
+  assert json.loads((out / hf.safetensors_dir.MARKER).read_text())["architecture"] == (
+      fam.architecture)
   assert json.loads((out / "config.json").read_text())["architectures"] == [fam.architecture]
   transformers.utils.logging.enable_propagation()  # its warnings reach caplog
   try:
