@@ -12,6 +12,7 @@ from experiments import tiny
 from moex import config as config_lib
 from moex.model import params
 from moex.model.decoder import Decoder
+from moex.parallel import mesh as mesh_lib
 from moex.train import optimizer, state as state_lib
 
 
@@ -139,3 +140,12 @@ def test_structs_and_bytes_match_the_trainers_state():
   experts = params.counts(cfg)["routed_experts"].total
   assert got["routed_experts"] == experts // 8 * 4
   assert math.prod(params.structs(cfg)["unembed_DxV"].shape) == 128 * 259
+
+
+def test_the_tree_is_the_same_inside_a_mesh_context():
+  """The trainer counts FLOPs inside jax.set_mesh: the tree must not take that mesh."""
+  cfg = _cfg("head")
+  outside = params.tree(cfg)
+  params._tree.cache_clear()
+  with jax.set_mesh(mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])):
+    assert params.tree(cfg) == outside

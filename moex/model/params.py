@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from moex.config import Config, ModelConfig, MoEConfig
 from moex.model.decoder import Block, Decoder
@@ -109,7 +109,9 @@ def part_of(path: tuple[str, ...], model: ModelConfig) -> str:
 
 def _params(make) -> list[tuple[tuple[str, ...], nnx.Param]]:
   """(path, abstract nnx.Param) of every parameter of the module `make()` builds."""
-  with nnx.use_eager_sharding(False):  # no mesh here: the rules place parameters later
+  # No mesh, whatever the caller's context (the trainer's jax.set_mesh): nnx.eval_shape would
+  # read the logical axis names as mesh axes. The config's rules place parameters later.
+  with nnx.use_eager_sharding(False), jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
     module = nnx.eval_shape(make)
   return [(tuple(str(k) for k in path), var)
           for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))]

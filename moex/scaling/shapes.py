@@ -79,6 +79,8 @@ def shape_for(p: plan.Plan, law: laws.Law, vocab_size: int, seq_len: int) -> dic
     n = active(s, vocab_size, seq_len, base)
     if abs(n / p.n_active - 1) < gap:
       best, gap = {**s, "n_active": n}, abs(n / p.n_active - 1)
+    if n >= p.n_active:  # the count grows with depth (and width): no deeper shape is closer
+      break
   return best
 
 
