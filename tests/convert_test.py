@@ -309,3 +309,14 @@ def test_an_export_killed_between_the_renames_recovers(imported, tmp_path, monke
   assert not (out / "old.txt").exists() and (out / safetensors_dir.MARKER).exists()
   assert not aside.exists() and not (tmp_path / "out.partial").exists()
   transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def test_a_swap_killed_before_the_old_copy_is_removed_is_finished(tmp_path):
+  """The new copy is in, the old one still aside: the next run removes only the old one."""
+  out, aside = tmp_path / "out", tmp_path / "out.moex-previous"
+  out.mkdir()
+  (out / safetensors_dir.MARKER).write_text("{}")
+  aside.mkdir()
+  (aside / "old.txt").write_text("the old copy")
+  safetensors_dir.check_target(epath.Path(out))
+  assert (out / safetensors_dir.MARKER).exists() and not aside.exists()
