@@ -1,9 +1,11 @@
-"""moex/convert.py: import a transformers checkpoint, fine-tune it, export it, load it back.
+"""moex/convert.py and moex/interop/convert.py: import a transformers checkpoint, fine-tune
+it, export it, load it back; and what the command does on bad input and on interruption.
 
 One tiny Mixtral with a BPE tokenizer trained here (no download) goes through the whole
 flow of experiments/finetune.py: the fine-tune's step-0 evaluation must equal transformers'
 own cross-entropy on the same batches (the import is exact through the workdir), and the
-exported fine-tuned model must compute the fine-tuned moex logits in transformers.
+exported fine-tuned model must compute the fine-tuned moex logits in transformers. Kills are
+injected by raising `_Killed` (a BaseException nothing catches) at the chosen moment.
 """
 
 import json
@@ -18,11 +20,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from etils import epath
 from flax import nnx
 
 from experiments import finetune
 from moex import config as config_lib
+from moex import errors
 from moex.data import pipeline, tokenizer as tokenizer_lib
+from moex.interop import convert, hf, safetensors_dir
 from moex.parallel import mesh as mesh_lib
 from moex.train import init_from, loop, state as state_lib
 
@@ -124,12 +129,18 @@ def test_bad_input_is_one_line(tmp_path):
   r = _convert(f"--workdir={tmp_path / 'w'}")
   assert r.stderr.strip().splitlines()[-1] == (
       "moex.convert: give --workdir and exactly one of --from_hf / --to_hf")
+  # A bad --config override: one line, not a traceback (it was one: issue 24).
+  r = _convert(f"--from_hf={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'w'}",
+               "--config.data.no_such_key=3")
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"moex.convert: config error: --config.data.no_such_key: {ROOT / 'experiments' / 'tiny.py'}"
+      " has no key data.no_such_key")
 
 
 def test_a_failed_import_leaves_no_model_behind(tmp_path, tiny_config):
   """config.json is written last: a workdir whose import failed holds no config or params."""
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
-  from moex import convert  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   hub = tmp_path / "hub"
   transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -139,9 +150,175 @@ def test_a_failed_import_leaves_no_model_behind(tmp_path, tiny_config):
   tensors["model.layers.1.mlp.down_proj.weight"] = np.zeros((16, 23), np.float32)
   save_file(tensors, str(hub / "model.safetensors"), metadata={"format": "pt"})
   work = tmp_path / "w"
-  with pytest.raises(convert.hf.FormatError, match="down_proj.weight has shape"):
+  with pytest.raises(hf.FormatError, match="down_proj.weight has shape"):
     convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")
   assert not (work / "config.json").exists() and not (work / "params").exists()
   with pytest.raises(convert.ConvertError, match="already holds"):  # a finished import
     (work / "config.json").write_text("{}")
     convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")
+
+
+# ---------------------------------------------------------------------------------------
+# Faults: bad flags and paths, kills between writes, export targets (issue 25).
+
+
+class _Killed(BaseException):
+  """An injected kill: nothing in moex catches it, as nothing runs after a SIGKILL."""
+
+
+def _llama_hub(d: pathlib.Path) -> pathlib.Path:
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, intermediate_size=24)).save_pretrained(d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """(HF directory, the moex workdir imported from it with the byte tokenizer, base config)."""
+  import conftest  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("imported")
+  base = conftest._tiny(conftest._write_corpus(root / "corpus"), str(root / "cache"))  # pylint: disable=protected-access
+  hub = _llama_hub(root / "hub")
+  convert.import_hf(str(hub), str(root / "w"), base, tokenizer="byte")
+  return hub, root / "w", base
+
+
+def test_bad_flags_and_paths_are_one_line(imported, tmp_path):
+  hub, work, base = imported
+  for bad in (float("nan"), float("inf"), 0.0):
+    with pytest.raises(convert.ConvertError) as e:
+      convert.export_hf(str(work), str(tmp_path / "out"), max_shard_gb=bad)
+    assert str(e.value) == f"--max_shard_gb={bad}: must be a finite number > 0"
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  with pytest.raises(errors.Refusal, match=r"^--from_hf=.*a_file: is a file, not a directory$"):
+    convert.import_hf(str(a_file), str(tmp_path / "w2"), base, tokenizer="byte")
+  with pytest.raises(errors.Refusal, match=r"^--workdir=.*a_file: is a file, not a directory$"):
+    convert.export_hf(str(a_file), str(tmp_path / "out"))
+  with pytest.raises(errors.Refusal, match=r"^--to_hf=.*a_file: is a file, not a directory"):
+    convert.export_hf(str(work), str(a_file))
+  assert a_file.read_text() == "x" and not (tmp_path / "w2").exists()
+
+
+def test_hf_directory_without_a_tokenizer_names_it(tmp_path, tiny_config):
+  """generation_config.json alone is no tokenizer: the refusal names the source directory
+  and the --tokenizer=byte way out (it named the new workdir's tokenizer/: issue 25 #7)."""
+  hub = _llama_hub(tmp_path / "hub")
+  assert (hub / "generation_config.json").exists()
+  work = tmp_path / "w"
+  with pytest.raises(errors.Refusal) as e:
+    convert.import_hf(str(hub), str(work), tiny_config)
+  assert str(e.value) == (f"{hub}: no tokenizer.json or tokenizer.model; pass "
+                          "--tokenizer=PATH (or --tokenizer=byte)")
+  assert not work.exists()
+
+
+def test_an_import_killed_before_config_json_is_redone(tmp_path, tiny_config, monkeypatch):
+  """Killed after params/ and before config.json, the same command run again completes
+  (it refused: "already holds a model", issue 25 #3)."""
+  hub = _llama_hub(tmp_path / "hub")
+  work = tmp_path / "w"
+  save = init_from.save_params
+
+  def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    raise _Killed()
+
+  monkeypatch.setattr(init_from, "save_params", save_then_die)
+  with pytest.raises(_Killed):
+    convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")
+  assert (work / "params").exists() and not (work / "config.json").exists()
+  monkeypatch.setattr(init_from, "save_params", save)
+  cfg = convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")
+  assert json.loads((work / "config.json").read_text())["model"]["d_model"] == 16
+  assert cfg.model.num_layers == 2 and (work / "hf_source.json").exists()
+  with pytest.raises(convert.ConvertError, match="already holds a model"):  # now finished
+    convert.import_hf(str(hub), str(work), tiny_config, tokenizer="byte")
+
+
+def test_export_refuses_a_directory_that_is_not_an_export(imported, tmp_path):
+  """--to_hf=DIR holding a user's files is refused and left as it was (it was deleted,
+  exit 0: issue 25 #1); --overwrite replaces it; the workdir and cwd never are."""
+  _, work, _ = imported
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  with pytest.raises(errors.Refusal) as e:
+    convert.export_hf(str(work), str(out))
+  assert str(e.value) == (f"--to_hf={out}: holds files that are not a moex export (no "
+                          "moex_export.json); pick a new or empty directory, or pass "
+                          "--overwrite to replace it")
+  assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+  assert (out / "notes.txt").read_text() == "keep me"
+  for target in (work, work.parent, pathlib.Path.cwd()):
+    with pytest.raises(errors.Refusal, match="moex never replaces it, even with --overwrite"):
+      convert.export_hf(str(work), str(target), overwrite=True)
+  assert (work / "config.json").exists()
+  convert.export_hf(str(work), str(out), overwrite=True)
+  assert not (out / "notes.txt").exists() and (out / safetensors_dir.MARKER).exists()
+
+
+def test_export_replaces_an_earlier_export(imported, tmp_path):
+  _, work, _ = imported
+  out = tmp_path / "out"
+  out.mkdir()  # an empty directory is fine
+  convert.export_hf(str(work), str(out))
+  marker = json.loads((out / safetensors_dir.MARKER).read_text())
+  assert marker["workdir"] == str(work) and marker["architecture"] == "LlamaForCausalLM"
+  assert set(marker["files"]) == {p.name for p in out.iterdir()} - {safetensors_dir.MARKER}
+  (out / "stale.safetensors").write_text("from an older export")
+  convert.export_hf(str(work), str(out))
+  assert not (out / "stale.safetensors").exists()
+  back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  want = load_file_np(out / "model.safetensors")["model.embed_tokens.weight"]
+  np.testing.assert_array_equal(back.model.embed_tokens.weight.detach().numpy(), want)
+  assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.moex-previous").exists()
+
+
+def load_file_np(path):
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  return load_file(str(path))
+
+
+@pytest.mark.parametrize("rerun", ["export", "check_target"])
+def test_an_export_killed_between_the_renames_recovers(imported, tmp_path, monkeypatch, rerun):
+  """Killed while OUT is being swapped, the old copy is kept aside (with rmtree then rename
+  neither copy was left: issue 25 #1); the next run puts it back, then replaces it."""
+  _, work, _ = imported
+  out = tmp_path / "out"
+  convert.export_hf(str(work), str(out))
+  (out / "old.txt").write_text("the old copy")
+  cls = type(epath.Path(out))
+  rename = cls.rename
+
+  def die_moving_in(self, target):
+    if os.path.abspath(os.fspath(target)) == str(out):  # the new copy's move into OUT
+      raise _Killed()
+    return rename(self, target)
+
+  monkeypatch.setattr(cls, "rename", die_moving_in)
+  with pytest.raises(_Killed):
+    convert.export_hf(str(work), str(out))
+  monkeypatch.setattr(cls, "rename", rename)
+  aside = tmp_path / "out.moex-previous"
+  assert not out.exists() and (aside / "old.txt").read_text() == "the old copy"
+  if rerun == "check_target":  # what the next run does first: the old copy is back
+    safetensors_dir.check_target(epath.Path(out))
+    assert (out / "old.txt").read_text() == "the old copy" and not aside.exists()
+  convert.export_hf(str(work), str(out))  # the same command again completes
+  assert not (out / "old.txt").exists() and (out / safetensors_dir.MARKER).exists()
+  assert not aside.exists() and not (tmp_path / "out.partial").exists()
+  transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+def test_a_swap_killed_before_the_old_copy_is_removed_is_finished(tmp_path):
+  """The new copy is in, the old one still aside: the next run removes only the old one."""
+  out, aside = tmp_path / "out", tmp_path / "out.moex-previous"
+  out.mkdir()
+  (out / safetensors_dir.MARKER).write_text("{}")
+  aside.mkdir()
+  (aside / "old.txt").write_text("the old copy")
+  safetensors_dir.check_target(epath.Path(out))
+  assert (out / safetensors_dir.MARKER).exists() and not aside.exists()

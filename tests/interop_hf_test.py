@@ -15,6 +15,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as save_torch
+import interop_tiny
 import multidevice_run
 
 from experiments import tiny
@@ -24,36 +25,9 @@ from moex.parallel import mesh as mesh_lib
 from moex.train import state as state_lib
 
 SEQ = 512
-_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, initializer_range=0.15, rms_norm_eps=1e-5,
-               tie_word_embeddings=False, max_position_embeddings=1024, rope_theta=5000.0)
-FAMILIES = {
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
-                dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
-    # head_dim 12 != hidden / heads = 8; layer 1 dense (mlp_only_layers)
-    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
-                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                       intermediate_size=40, head_dim=12, norm_topk_prob=True,
-                       mlp_only_layers=[1], num_hidden_layers=3)),
-    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
-              dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24,
-                   norm_topk_prob=False, pad_token_id=0, eos_token_id=1)),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(intermediate_size=40)),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
-                dict(intermediate_size=40, sliding_window=None)),
-}
-
-
-def _hf_model(name: str):
-  cls_cfg, cls_model, extra = FAMILIES[name]
-  torch.manual_seed(0)
-  model = cls_model(cls_cfg(**{**_COMMON, **extra})).float().eval()
-  with torch.no_grad():  # norms away from 1 so a misplaced norm shows
-    for pname, p in model.named_parameters():
-      if pname.endswith("norm.weight"):
-        p.copy_(1 + 0.3 * torch.randn_like(p))
-  return model
+_COMMON = interop_tiny.COMMON
+FAMILIES = interop_tiny.FAMILIES
+_hf_model = interop_tiny.hf_model
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -147,6 +121,8 @@ def test_export_round_trip_loads_in_transformers_without_warnings(hub_dir, tmp_p
   hf.export(lambda path: _get(params, path), cfg, str(out), architecture=fam.architecture,
             max_shard_bytes=64 << 10)
   assert not (tmp_path / "export.partial").exists()
+  assert json.loads((out / hf.safetensors_dir.MARKER).read_text())["architecture"] == (
+      fam.architecture)
   assert json.loads((out / "config.json").read_text())["architectures"] == [fam.architecture]
   transformers.utils.logging.enable_propagation()  # its warnings reach caplog
   try:

@@ -6,13 +6,13 @@ its slice from the memory-mapped safetensors (for expert weights, only its exper
 checkpoint's dtype. Host memory holds the model once, plus the one tensor being converted.
 
 Export: moex parameters -> hub-layout safetensors shards written one shard at a time into
-OUT.partial/, renamed to OUT only once complete, with config.json and the tokenizer files.
+OUT.partial/ with config.json, the tokenizer files and moex_export.json (last), then
+swapped in for OUT by renames (safetensors_dir.replace_dir).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from typing import Any
 
@@ -32,6 +32,7 @@ from moex.interop.safetensors_dir import FormatError
 CONFIG = "config.json"
 # Tensors older checkpoints carry that hold no weights (recomputed RoPE tables).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model")  # Without one, there is no tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 
@@ -71,9 +72,8 @@ def load_params(hf_dir: str, cfg: Config, abstract_params: dict,
   """The moex parameters of the checkpoint in `hf_dir`, placed per `abstract_params`'
   shardings (jax.ShapeDtypeStruct leaves), cast to their dtypes."""
   reader = safetensors_dir.Reader(hf_dir)
-  names = set(reader.keys())
-  prefix = families.moe_prefix(family, names, cfg.model)
-  rules = families.tensors(family, cfg.model, cfg.moe, prefix)
+  layout = family.layout(set(reader.keys()), cfg.model)
+  rules = family.tensors(cfg.model, cfg.moe, layout)
   params: dict = {}
   t0 = t_log = time.time()
   for i, rule in enumerate(rules):
@@ -97,20 +97,16 @@ def load_params(hf_dir: str, cfg: Config, abstract_params: dict,
     if time.time() - t_log > 10:
       logging.info("import: %d/%d tensors, %.0fs", i + 1, len(rules), time.time() - t0)
       t_log = time.time()
-  _check_all_used(reader, rules, family, cfg, prefix)
+  _check_all_used(reader, rules, family, cfg)
   return params
 
 
-def _check_all_used(reader, rules, family, cfg, prefix) -> None:
+def _check_all_used(reader, rules, family, cfg) -> None:
   """Every tensor in the checkpoint has a place in the model (else one line naming it)."""
   expected = {name for rule in rules for name, _ in rule.hub}
   e = cfg.moe.num_experts
-  fused = set()
-  for n in cfg.model.moe_layers:
-    m = f"model.layers.{n}.{prefix}.experts."
-    fused |= {m + "gate_up_proj", m + "down_proj"}
   for name in reader.keys():
-    if name in expected or name in fused or name.endswith(_IGNORED_SUFFIXES):
+    if name in expected or name.endswith(_IGNORED_SUFFIXES):
       continue
     raise FormatError(f"{reader.file_of(name)}: tensor {name} has no place in a moex "
                       f"{family.architecture} with this config.json (e.g. a bias, or "
@@ -141,24 +137,28 @@ def copy_files(files, dest: epath.Path) -> None:
 
 def export(params_host, cfg: Config, out_dir: str, *, architecture: str | None = None,
            extra_config: dict | None = None, tokenizer_dir: str | None = None,
-           max_shard_bytes: int = 4 << 30) -> families.Family:
-  """Writes `out_dir` (config.json, safetensors, tokenizer files) for transformers.
+           max_shard_bytes: int = 4 << 30, overwrite: bool = False,
+           marker: dict | None = None) -> families.Family:
+  """Writes `out_dir` (config.json, safetensors, tokenizer files, safetensors_dir.MARKER)
+  for transformers.
 
-  `params_host(path) -> np.ndarray` fetches one moex parameter to host. Nothing is left at
-  `out_dir` unless the export completes: it is written in OUT.partial and renamed.
+  `params_host(path) -> np.ndarray` fetches one moex parameter to host. The export is
+  written in OUT.partial and swapped in by renames (safetensors_dir.replace_dir); an OUT
+  that is not a previous export is refused unless `overwrite` (check_target). `marker`
+  adds to what MARKER records.
   """
   fam, hf = families.from_moex(cfg.model, cfg.moe, architecture)
   if extra_config:
     hf.update({k: v for k, v in extra_config.items() if k in (
         "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")})
   hf["transformers_version"] = hf.get("transformers_version", "5.0.0")
-  prefix = fam.moe_prefix[0] if fam.moe else "mlp"
-  rules = families.tensors(fam, cfg.model, cfg.moe, prefix)
+  rules = fam.tensors(cfg.model, cfg.moe, fam.hub_layout())
   dtype = np.dtype(cfg.model.param_dtype)
   out = epath.Path(out_dir)
-  tmp = out.parent / (out.name + ".partial")
-  if tmp.exists():
-    shutil.rmtree(str(tmp))
+  safetensors_dir.check_target(out, overwrite=overwrite)
+  tmp = safetensors_dir.sibling(out, safetensors_dir.PARTIAL)
+  if tmp.exists():  # an earlier export's unfinished copy
+    tmp.rmtree()
   tmp.mkdir(parents=True)
 
   def entries():
@@ -177,6 +177,8 @@ def export(params_host, cfg: Config, out_dir: str, *, architecture: str | None =
   (tmp / CONFIG).write_text(json.dumps(hf, indent=2, sort_keys=True))
   if tokenizer_dir is not None:
     copy_files(tokenizer_files(tokenizer_dir), tmp)
+  safetensors_dir.write_marker(tmp, {"format": "moex.export/1", "architecture":
+                                     fam.architecture, **(marker or {})})
   safetensors_dir.replace_dir(tmp, out)
   logging.info("export: %s with %d tensors in %d file(s) -> %s", fam.architecture,
                sum(len(r.hub) for r in rules), len(files), out)

@@ -9,7 +9,7 @@ the pages read never accumulate in the process: a checkpoint is never in host me
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from typing import Callable, Iterable
 
 import numpy as np
@@ -136,8 +136,80 @@ def write(directory: str, tensors: Iterable[tuple[str, tuple[int, ...], str, Cal
   return names
 
 
+# ---------------------------------------------------------------------------------------
+# The export directory: written as OUT.partial, swapped in by renames, recognised by MARKER.
+
+MARKER = "moex_export.json"  # Written last into every export: OUT is moex's to replace.
+PARTIAL = ".partial"  # OUT.partial: the new copy being written.
+PREVIOUS = ".moex-previous"  # OUT.moex-previous: the old copy, moved aside during the swap.
+
+
+class TargetError(ValueError, errors.Refusal):
+  """An export target moex will not replace; the message is one line naming it."""
+
+
+def sibling(out: epath.Path, suffix: str) -> epath.Path:
+  return out.parent / (out.name + suffix)
+
+
+def _move(src: epath.Path, dst: epath.Path) -> None:
+  """One rename of the swap (a seam for the tests' injected kills)."""
+  src.rename(dst)
+
+
+def _absolute(p) -> str:
+  s = os.fspath(p)
+  return s if "://" in s else os.fspath(epath.Path(s).resolve())
+
+
+def is_export(directory: epath.Path) -> bool:
+  return (directory / MARKER).exists()
+
+
+def check_target(out: epath.Path, *, overwrite: bool = False, flag: str = "--to_hf",
+                 keep: tuple[epath.Path, ...] = ()) -> None:
+  """Finishes or undoes a swap an earlier export left half done, then refuses an `out` that
+  is not moex's to replace: a file, a directory holding anything but a previous export
+  (unless `overwrite`), or one holding a path of `keep` (the workdir, the current directory).
+  """
+  prev = sibling(out, PREVIOUS)
+  if prev.exists():
+    if out.exists():  # the new copy was moved in; only removing the old one was left
+      logging.warning("export: removing %s (left by an interrupted export)", prev)
+      prev.rmtree()
+    else:  # killed between the renames: the old copy is put back
+      logging.warning("export: restoring %s from %s (an interrupted export)", out, prev)
+      _move(prev, out)
+  if not out.exists():
+    return
+  if not out.is_dir():
+    raise TargetError(f"{flag}={out}: is a file, not a directory; pick a new directory")
+  whole = _absolute(out).rstrip("/")
+  for k in keep:
+    if _absolute(k) == whole or _absolute(k).startswith(whole + "/"):
+      raise TargetError(f"{flag}={out}: holds {k}; moex never replaces it, even with "
+                        "--overwrite; pick a new directory")
+  if not overwrite and not is_export(out) and any(out.iterdir()):
+    raise TargetError(f"{flag}={out}: holds files that are not a moex export (no {MARKER}); "
+                      "pick a new or empty directory, or pass --overwrite to replace it")
+
+
+def write_marker(directory: epath.Path, info: dict) -> None:
+  """MARKER, last: the files of the finished export (name -> bytes) and what made it."""
+  files = {p.name: p.stat().length for p in sorted(directory.iterdir()) if p.name != MARKER}
+  (directory / MARKER).write_text(json.dumps({**info, "files": files}, indent=2))
+
+
 def replace_dir(tmp: epath.Path, final: epath.Path) -> None:
-  """Moves a finished `tmp` directory to `final` (an old `final` is removed first)."""
+  """Moves a finished `tmp` directory to `final`: an old `final` is moved aside, the new one
+  moved in, the old one removed last. Locally each rename is atomic, so a kill leaves either
+  the old copy (at `final` or aside at FINAL.moex-previous) or the new one; check_target on
+  the next run puts an old copy aside back, or removes it once the new one is in."""
+  prev = sibling(final, PREVIOUS)
   if final.exists():
-    shutil.rmtree(str(final))
-  tmp.rename(final)
+    if prev.exists():
+      prev.rmtree()
+    _move(final, prev)
+  _move(tmp, final)
+  if prev.exists():
+    prev.rmtree()
