@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from experiments import tiny
-from moex import config as config_lib, footprint
+from moex import config as config_lib
 from moex.model import params
 from moex.model.decoder import Decoder
-from moex.train import flops
+from moex.train import flops, footprint
 
 
 def _cfg(**moe):
