@@ -16,27 +16,27 @@ The whole flow on a small model made here (no download), about 10 minutes on 2 C
   python -m moex.convert --to_hf=/tmp/hf/finetuned --workdir=/tmp/moex/finetuned
 
 The argument after the colon is the workdir to start from: its config.json gives the model,
-MoE, tokenizer and mesh sections, and train.init_from points at it. Without an argument the
-config fine-tunes the tiny default model's shape (set train.init_from yourself). Override
+MoE and mesh sections, the tokenizer is the workdir's (WORKDIR/tokenizer/ when present, as
+moex.generate decides), and train.init_from points at it. Without an argument the config
+fine-tunes the tiny default model's shape (set train.init_from yourself). Override
 anything as usual, e.g. --config.data.source='/data/my_corpus/*.txt'.
 """
 
-import json
-
 import ml_collections
-from etils import epath
 
 from experiments import tiny
+from moex import workdir as workdir_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Fine-tuning settings on top of workdir `arg`'s config (tiny's when None)."""
   c = tiny.get_config()
   if arg:
-    source = json.loads((epath.Path(arg) / "config.json").read_text())
+    wd = workdir_lib.Workdir(arg)
+    source = wd.config()  # one line (WorkdirError) naming the file when missing or bad
     for section in ("model", "moe", "mesh"):
-      c[section] = ml_collections.ConfigDict(source[section])
-    c.data.tokenizer = source["data"]["tokenizer"]
+      c[section] = ml_collections.ConfigDict(source[section].to_dict())
+    c.data.tokenizer = wd.tokenizer_spec(source)  # WORKDIR/tokenizer/ when there (one rule)
     c.train.init_from = arg  # parameters from there; optimizer and step start afresh
   # A short, gentle run: a tenth of the from-scratch peak, a short warmup, then cosine.
   c.opt.learning_rate = 3e-4

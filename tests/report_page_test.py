@@ -10,7 +10,7 @@ import pytest
 from report_workdir import write_workdir
 
 from moex import report
-from moex.report import capacity
+from moex.report import capacity, page
 
 ROOT = pathlib.Path(__file__).parents[1]
 FIGURES = ("loss.png", "load_latest.png", "load_over_time.png", "dropped.png", "needed_cf.png",
@@ -85,3 +85,31 @@ def test_command_line(tmp_path):
                       "print('workdir' in flags.FLAGS)"], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   assert r.stdout.strip() == "False", r.stderr  # importing the package defines no flags
+
+
+def test_bad_workdir_out_or_setting_is_one_line(tmp_path):
+  (tmp_path / "w").mkdir()
+  workdir = write_workdir(tmp_path / "w")
+  (tmp_path / "file").write_text("x")
+  for kwargs, line in [
+      ({"workdir": str(tmp_path / "nope")}, f"--workdir={tmp_path / 'nope'}: no such directory"),
+      ({"workdir": str(tmp_path / "file")}, f"--workdir={tmp_path / 'file'}: not a directory"),
+      ({"workdir": workdir, "out": str(tmp_path / "file")},
+       f"--out={tmp_path / 'file'}: is a file, not a folder"),
+      ({"workdir": workdir, "target_drop": float("nan")},
+       "--target_drop=nan: must be a fraction in [0, 1)"),
+      ({"workdir": workdir, "target_drop": 1.0}, "--target_drop=1.0: must be a fraction in [0, 1)"),
+      ({"workdir": workdir, "recent": 0}, "--recent=0: must be at least 1 train window")]:
+    with pytest.raises(page.ReportError) as e:
+      page.write_report(**kwargs)
+    assert str(e.value) == line
+  assert not (tmp_path / "nope").exists()  # nothing created for a refused report
+
+
+@pytest.mark.slow
+def test_command_refuses_a_missing_workdir_in_one_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "moex.report", f"--workdir={tmp_path / 'nope'}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"moex.report: --workdir={tmp_path / 'nope'}: no such directory")

@@ -152,3 +152,13 @@ def test_cli_plan_refuses_an_infinite_budget():
   assert "Traceback" not in r.stderr and "D inf" not in r.stdout
   assert r.stderr.strip().splitlines()[-1] == ("moex.scaling: --flops: must be a finite "
                                                "number > 0, got inf")
+
+
+def test_refuses_a_run_whose_final_loss_is_not_finite_or_whose_config_is_bad(tmp_path):
+  write_run(tmp_path / "a", "dense_s0_64")
+  write_run(tmp_path / "b", "dense_s1_64", loss=float("nan"))
+  _one_line(str(tmp_path), "^.*/b/metrics.jsonl: the final eval loss at step \\d+ is nan, not "
+            "a finite number; leave the run out of --runs$")
+  write_run(tmp_path / "b", "dense_s1_64")
+  (tmp_path / "b" / "config.json").write_text("{not json")
+  _one_line(str(tmp_path), "^.*/b/config.json: not JSON \\(")

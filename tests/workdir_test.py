@@ -164,3 +164,32 @@ def test_remote_resume_drops_later_parts(fake_gcs):
   w.close()
   writers.Writer("gs://b/r", resume_step=2).close()
   assert [r["step"] for r in report.read_jsonl("gs://b/r/metrics.jsonl")] == [1, 2]
+
+
+def _code_strings(path):
+  """(line, text) of every string constant in a module that is not a docstring."""
+  import ast  # pylint: disable=import-outside-toplevel
+  tree = ast.parse(path.read_text())
+  docs = {id(n.body[0].value) for n in ast.walk(tree)
+          if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+          and n.body and isinstance(n.body[0], ast.Expr)
+          and isinstance(n.body[0].value, ast.Constant)}
+  return [(n.lineno, n.value) for n in ast.walk(tree)
+          if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_only_the_workdir_module_spells_a_workdirs_config_and_metrics_files():
+  """config.json and metrics.jsonl of a workdir are read through moex.workdir; an HF
+  directory's config.json belongs to moex/interop/ (hf.CONFIG)."""
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(ROOT)
+  word = re.compile(r"(?<![\w.])(config\.json|metrics\.jsonl)")
+  found = []
+  for path in sorted(root.glob("moex/**/*.py")) + sorted(root.glob("experiments/*.py")):
+    rel = path.relative_to(root).as_posix()
+    if rel == "moex/workdir.py" or rel.startswith("moex/interop/"):
+      continue
+    found += [f"{rel}:{line}: {text!r}" for line, text in _code_strings(path)
+              if word.search(text)]
+  assert not found, "use moex.workdir (Workdir, CONFIG, METRICS) instead:\n" + "\n".join(found)

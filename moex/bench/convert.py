@@ -20,12 +20,18 @@ import time
 
 import ml_dtypes
 import numpy as np
-from absl import app, flags
+from absl import flags
 from safetensors.numpy import save_file
 
-_DIR = flags.DEFINE_string("dir", "/tmp/moex_bench_convert", "Scratch directory.")
-_LAYERS = flags.DEFINE_integer("layers", 11, "Decoder layers (11 = 2.2 GB).")
-_KEEP = flags.DEFINE_bool("keep", False, "Keep the checkpoint and the imported workdir.")
+from moex import cli
+from moex.interop import hf
+
+
+def define_flags() -> None:
+  """Flags only when run as a program (cli.run calls it)."""
+  flags.DEFINE_string("dir", "/tmp/moex_bench_convert", "Scratch directory.")
+  flags.DEFINE_integer("layers", 11, "Decoder layers (11 = 2.2 GB).")
+  flags.DEFINE_bool("keep", False, "Keep the checkpoint and the imported workdir.")
 
 V, D, H, J, A, E, F = 32000, 1024, 16, 4, 64, 8, 3584
 
@@ -82,7 +88,7 @@ def write_checkpoint(directory: str, layers: int, shard_bytes: int = 1 << 30) ->
             "intermediate_size": F, "num_local_experts": E, "num_experts_per_tok": 2,
             "rms_norm_eps": 1e-5, "rope_theta": 1e6, "hidden_act": "silu",
             "torch_dtype": "bfloat16", "tie_word_embeddings": False, "sliding_window": None}
-  with open(os.path.join(directory, "config.json"), "w") as f:
+  with open(os.path.join(directory, hf.CONFIG), "w") as f:
     json.dump(config, f)
   return {"total_bytes": total, "largest_tensor_bytes": largest,
           "largest_param_bytes": E * D * F * 2, "files": len(shards)}
@@ -114,11 +120,11 @@ def _peak_rss_of(body: str) -> tuple[float, float]:
 
 def main(argv):
   del argv
-  root = _DIR.value
+  root = flags.FLAGS.dir
   hf_dir, work = os.path.join(root, "hf"), os.path.join(root, "workdir")
   shutil.rmtree(root, ignore_errors=True)
   t0 = time.time()
-  facts = write_checkpoint(hf_dir, _LAYERS.value)
+  facts = write_checkpoint(hf_dir, flags.FLAGS.layers)
   print(f"wrote {facts['total_bytes'] / 1e9:.2f} GB in {facts['files']} files "
         f"({time.time() - t0:.0f}s); largest tensor {facts['largest_tensor_bytes'] / 1e6:.0f} "
         f"MB, largest moex parameter (stacked experts) {facts['largest_param_bytes'] / 1e6:.0f} "
@@ -133,9 +139,9 @@ def main(argv):
         f"the checkpoint ({size:.2f} GB) = checkpoint + "
         f"{(peak - base - size) * 1e9 / facts['largest_tensor_bytes']:.1f} x its largest tensor",
         flush=True)
-  if not _KEEP.value:
+  if not flags.FLAGS.keep:
     shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags, program="moex.bench.convert")

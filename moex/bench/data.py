@@ -22,25 +22,26 @@ import platform
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from moex import config as config_lib
+from moex import cli, config as config_lib, workdir as workdir_lib
 from moex.bench import train_step
 from moex.data import preparing, shards, sources
-from moex.data import tokenizer as tokenizer_lib
 
 _BLOCK_LINES = 12
 
 
-def _define_flags() -> None:
-  config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Experiment config.")
+def define_flags() -> flags.FlagHolder:
+  """Flags only when run as a program (cli.run calls it)."""
+  holder = config_flags.DEFINE_config_file("config", "experiments/tiny.py", "Experiment config.")
   flags.DEFINE_string("prepared", "", "Prepared directories to read (default: the stdlib, "
                       "prepared here).")
   flags.DEFINE_float("seconds", 10.0, "Seconds of pipeline timing per dataset.")
   flags.DEFINE_integer("workers", 2, "Prepare worker processes.")
   flags.DEFINE_integer("steps", 10, "Timed train steps.")
   flags.DEFINE_string("json", None, "Also write the results here as JSON.")
+  return holder
 
 
 def write_stdlib_blocks(path: pathlib.Path) -> int:
@@ -99,8 +100,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   cd = f.config
-  tok = tokenizer_lib.get_tokenizer(cd.data.tokenizer)
-  cfg = config_lib.validate(cd, vocab_size=tok.vocab_size)
+  cfg = workdir_lib.validate(cd)
   results = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()})",
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size, "pipeline": {}}
@@ -124,5 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags, program="moex.bench.data")

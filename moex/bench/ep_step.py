@@ -19,28 +19,30 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moex import config as config_lib
-from moex.data import tokenizer as tokenizer_lib
+from moex import cli, config as config_lib, workdir as workdir_lib
 from moex.moe.layer import MoEBlock
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import optimizer, state as state_lib, step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
-_MESH = flags.DEFINE_string("mesh", "expert=8", "Mesh to compare with 1 device, a=n,b=m.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median).")
-_JSON = flags.DEFINE_string("json", None, "Also write results here.")
+def define_flags() -> flags.FlagHolder:
+  """Flags only when run as a program (cli.run calls it)."""
+  holder = config_flags.DEFINE_config_file("config", None, "Experiment config.")
+  flags.DEFINE_string("mesh", "expert=8", "Mesh to compare with 1 device, a=n,b=m.")
+  flags.DEFINE_integer("steps", 5, "Timed steps (median).")
+  flags.DEFINE_string("json", None, "Also write results here.")
+  flags.mark_flags_as_required(["config"])
+  return holder
 
 
 def _cfg(cd, mesh: dict) -> config_lib.Config:
   cd = cd.copy_and_resolve_references()
   for a in config_lib.MESH_AXES:
     cd.mesh[a] = mesh.get(a, 1)
-  return config_lib.validate(cd, vocab_size=tokenizer_lib.get_tokenizer(
-      cd.data.tokenizer).vocab_size)
+  return workdir_lib.validate(cd)
 
 
 def _a2a(hlo: str) -> int:
@@ -67,7 +69,7 @@ def measure(cfg: config_lib.Config, devices) -> dict:
     state, m = step(state, tokens)
     jax.block_until_ready(m)
     times = []
-    for _ in range(_STEPS.value):
+    for _ in range(flags.FLAGS.steps):
       t = time.perf_counter()
       state, m = step(state, tokens)
       jax.block_until_ready(m)
@@ -90,11 +92,11 @@ def measure(cfg: config_lib.Config, devices) -> dict:
 
 def main(argv):
   del argv
-  mesh = {k: int(v) for k, v in (kv.split("=") for kv in _MESH.value.split(","))}
+  mesh = {k: int(v) for k, v in (kv.split("=") for kv in flags.FLAGS.mesh.split(","))}
   rows = []
   for name, m, devices in (("1 device", {}, jax.devices()[:1]),
-                           (_MESH.value, mesh, jax.devices())):
-    cfg = _cfg(_CONFIG.value, m)
+                           (flags.FLAGS.mesh, mesh, jax.devices())):
+    cfg = _cfg(flags.FLAGS.config, m)
     for path in ("capacity", "dropless"):
       c = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=path))
       r = {"layout": name, "dispatch": path, **measure(c, devices)}
@@ -102,10 +104,10 @@ def main(argv):
       print(f"{name:12s} {path:9s} step {r['step_ms']:8.1f} ms  {r['tokens_per_sec']:8.0f} "
             f"tok/s  all-to-alls per MoE layer: fwd {r['moe_layer_all_to_all_fwd']}, "
             f"fwd+bwd {r['moe_layer_all_to_all_fwd_bwd']}", flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if flags.FLAGS.json:
+    with open(flags.FLAGS.json, "w") as f:
       json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags, program="moex.bench.ep_step")

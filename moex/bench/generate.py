@@ -32,11 +32,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from experiments import tiny
-from moex import config as config_lib
+from moex import cli, config as config_lib
 from moex.generation import engine
 from moex.model.decoder import Decoder
 from moex.moe import dispatch
@@ -284,7 +284,7 @@ def figure(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Flags only when run as a program (other modules define --json, --steps, --figure)."""
   flags.DEFINE_list("batches", ["1", "8", "32"], "Batch sizes.")
   flags.DEFINE_integer("prompt_len", 64, "Prompt tokens per sequence.")
@@ -330,5 +330,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags, program="moex.bench.generate")

@@ -34,10 +34,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-from moex import config as config_lib
+from moex import cli, config as config_lib
 from moex.model.layers import SwiGLU
 from moex.train import flops
 from moex.moe import balancing, dispatch, gmm, parallel, routing
@@ -45,13 +45,18 @@ from moex.moe.layer import MoEBlock
 
 nnx.use_eager_sharding(False)
 
-_JSON = flags.DEFINE_string("json", None, "Also write the results here as JSON.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (median).")
-_SHAPES = flags.DEFINE_list("shapes", ["standard", "fine_grained", "fine_grained_256"],
-                            "Shapes to run.")
-_PATHS = flags.DEFINE_list("paths", None, "Paths to run (default: all of PATHS; none: the "
-                           "breakdown only).")
-_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Time the dropless path's parts.")
+REPEATS = 5  # timed runs per measurement (median); --repeats sets it
+
+
+def define_flags() -> None:
+  """Flags only when run as a program (cli.run calls it)."""
+  flags.DEFINE_string("json", None, "Also write the results here as JSON.")
+  flags.DEFINE_integer("repeats", REPEATS, "Timed runs per measurement (median).")
+  flags.DEFINE_list("shapes", ["standard", "fine_grained", "fine_grained_256"],
+                    "Shapes to run.")
+  flags.DEFINE_list("paths", None, "Paths to run (default: all of PATHS; none: the "
+                    "breakdown only).")
+  flags.DEFINE_bool("breakdown", True, "Time the dropless path's parts.")
 
 SHAPES = {
     "standard": dict(num_experts=8, top_k=2, d_expert=1024),
@@ -79,7 +84,7 @@ def _configs(shape: dict, path: dict):
 def _time(fn, *args) -> float:
   jax.block_until_ready(fn(*args))  # warm-up (and compile)
   times = []
-  for _ in range(_REPEATS.value):
+  for _ in range(flags.FLAGS.repeats if "repeats" in flags.FLAGS else REPEATS):
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
@@ -191,7 +196,7 @@ def run_shape(name: str, peak: float) -> list[dict]:
            "flop_ratio": base["executed_gflops"] * 1e9 / (6 * t * k * d * f),
            "of_peak": of_peak(6 * t * k * d * f, base["fwd_bwd_ms"])}]
   for path_name, path in PATHS:
-    if _PATHS.value and path_name not in _PATHS.value:  # --paths=none: only the breakdown
+    if flags.FLAGS.paths and path_name not in flags.FLAGS.paths:  # --paths=none: only the breakdown
       continue
     model_cfg, moe_cfg = _configs(shape, path)
     block = MoEBlock(model_cfg, moe_cfg, nnx.Rngs(0))
@@ -221,15 +226,15 @@ def main(argv):
   header = f"{'shape':16s} {'path':20s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} " \
            f"{'vs dense':>8s} {'% peak':>7s} {'exec/analytic FLOPs':>20s}"
   print(header)
-  for name in _SHAPES.value:
-    for r in run_shape(name, before.best) if _PATHS.value != ["none"] else []:
+  for name in flags.FLAGS.shapes:
+    for r in run_shape(name, before.best) if flags.FLAGS.paths != ["none"] else []:
       rows.append(r)
       print(f"{r['shape']:16s} {r['path']:20s} {r['fwd_ms']:8.1f} {r['fwd_bwd_ms']:11.1f} "
             f"{r['ratio_fwd_bwd']:8.2f} {r['of_peak']:7.1%} {r['flop_ratio']:20.3f}", flush=True)
-  if _BREAKDOWN.value:
+  if flags.FLAGS.breakdown:
     print(f"\n{'shape':16s} {'dropless part':14s} {'fwd ms':>8s} {'share':>6s} "
           f"{'bwd ms':>8s} {'share':>6s}")
-    for name in _SHAPES.value:
+    for name in flags.FLAGS.shapes:
       x = jax.random.normal(jax.random.key(0), (SEQUENCES, SEQ_LEN, D_MODEL), jnp.float32)
       for r in breakdown(name, x):
         parts.append(r)
@@ -242,12 +247,12 @@ def main(argv):
       r["of_peak"] *= before.best / peak
   print(f"% peak is against {before.best / 1e9:.1f} GFLOP/s (the probe before); the better "
         f"probe is {peak / 1e9:.1f}" + (" (JSON uses it)" if peak > before.best else ""))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if flags.FLAGS.json:
+    with open(flags.FLAGS.json, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "peak_before": before._asdict(),
                  "peak_after": after._asdict(), "peak": peak, "rows": rows,
                  "breakdown": parts}, f, indent=2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags, program="moex.bench.moe_layer")

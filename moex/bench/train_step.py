@@ -19,27 +19,26 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from moex import config as config_lib
-from moex.data import tokenizer as tokenizer_lib
+from moex import cli, workdir as workdir_lib
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import flops, optimizer, state as state_lib, step as step_lib
 
 
-def _define_flags() -> None:
+def define_flags() -> flags.FlagHolder:
   """Flags only when run as a program: `bench` is also imported (moex.sweep)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config.")
+  holder = config_flags.DEFINE_config_file("config", None, "Experiment config.")
   flags.DEFINE_integer("steps", 10, "Timed steps.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
   flags.DEFINE_string("json", None, "Also write the results here as JSON.")
   flags.mark_flags_as_required(["config"])
+  return holder
 
 
 def bench(cd, steps: int, warmup: int) -> dict:
-  cfg = config_lib.validate(cd, vocab_size=tokenizer_lib.get_tokenizer(
-      cd.data.tokenizer).vocab_size)
+  cfg = workdir_lib.validate(cd)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   mesh_lib.check_layout(cfg, mesh)
   tx, _ = optimizer.make(cfg.opt, cfg.train.steps)
@@ -106,5 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(main, define_flags, program="moex.bench.train_step")

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import jax
 import ml_dtypes  # noqa: F401  (numpy's bfloat16)
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh
 
 from moex.config import Config
 from moex.interop import families
 from moex.interop import safetensors_dir
-from moex.interop.families import Unsupported
 from moex.interop.safetensors_dir import FormatError
 
 CONFIG = "config.json"

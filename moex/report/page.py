@@ -6,8 +6,9 @@ import math
 import os
 
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
+from moex import errors, workdir as workdir_lib
 from moex.report import capacity, figures, read
 from moex.report.read import Run
 
@@ -73,7 +74,7 @@ def summary_md(s: dict) -> list[str]:
 def recommendation_md(rows: list[dict], target: float, recent: int) -> list[str]:
   lines = ["## Capacity factor recommendation", ""]
   if not rows:
-    return lines + ["No train windows in moe_stats.jsonl: nothing to recommend.", ""]
+    return lines + [f"No train windows in {workdir_lib.MOE_STATS}: nothing to recommend.", ""]
   cf_now = rows[0]["current_cf"]
   lines += [
       f"Smallest factor keeping drops ≤ {target:.2%} in ≥ {capacity.WINDOW_QUANTILE:.0%} of "
@@ -103,16 +104,41 @@ def recommendation_md(rows: list[dict], target: float, recent: int) -> list[str]
   return lines + [""]
 
 
+class ReportError(ValueError, errors.Refusal):
+  """A bad workdir, output folder or setting (one line; moex.report exits 2)."""
+
+
+def _check(workdir: str, out: str, target_drop: float, recent: int) -> None:
+  if not os.path.isdir(workdir):
+    raise ReportError(f"--workdir={workdir}: "
+                      + ("not a directory" if os.path.exists(workdir) else "no such directory"))
+  if not (math.isfinite(target_drop) and 0 <= target_drop < 1):
+    raise ReportError(f"--target_drop={target_drop}: must be a fraction in [0, 1)")
+  if recent < 1:
+    raise ReportError(f"--recent={recent}: must be at least 1 train window")
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ReportError(f"--out={out}: is a file, not a folder")
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ReportError(f"--out={out}: cannot be created ({e.strerror or e})") from None
+
+
 def write_report(workdir: str, out: str | None = None, target_drop: float = 0.01,
                  recent: int = 20) -> str:
-  """Writes the figures and report.md into `out` (default workdir/report); returns the page."""
-  out = out or os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
+  """Writes the figures and report.md into `out` (default workdir/report); returns the page.
+
+  Only reads the workdir (another run may hold it). report.md is written to a temporary
+  file and renamed, so an interrupted report leaves the previous page or the new one.
+  ReportError, one line, for a missing workdir, an `out` that is a file, or a bad setting.
+  """
+  out = out or os.path.join(workdir, workdir_lib.REPORT_DIR)
+  _check(workdir, out, target_drop, recent)
   run = read.load_run(workdir)
   lines = [f"# Routing health: `{workdir}`", ""]
   lines += summary_md(summary(run, recent))
   if not run.moe:
-    lines += ["**No MoE statistics**: moe_stats.jsonl is missing or empty.", ""]
+    lines += [f"**No MoE statistics**: {workdir_lib.MOE_STATS} is missing or empty.", ""]
   else:
     lines += recommendation_md(capacity.recommend(run, target_drop, recent), target_drop,
                                recent)
@@ -122,24 +148,11 @@ def write_report(workdir: str, out: str | None = None, target_drop: float = 0.01
     if name:
       lines += [f"{caption}", "", f"![{name}]({name})", ""]
   if not run.metrics:
-    lines += ["No metrics.jsonl lines: no loss curves.", ""]
-  page = os.path.join(out, "report.md")
-  with open(page, "w") as f:
+    lines += [f"No {workdir_lib.METRICS} lines: no loss curves.", ""]
+  page = os.path.join(out, workdir_lib.REPORT)
+  tmp = f"{page}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
+  os.replace(tmp, page)
   logging.info("wrote %s", page)
   return page
-
-
-def define_flags() -> None:
-  """The command's flags (python -m moex.report); importing the package defines none."""
-  flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
-  flags.DEFINE_string("out", None, "Output folder (default WORKDIR/report).")
-  flags.DEFINE_float("target_drop", 0.01, "Drop fraction the recommendation allows.")
-  flags.DEFINE_integer("recent", 20, "Train windows the recommendation looks at.")
-
-
-def main(argv) -> None:
-  del argv
-  f = flags.FLAGS
-  page = write_report(f.workdir, f.out, f.target_drop, f.recent)
-  print(f"moex.report: {page}", flush=True)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 from absl import logging
-from etils import epath
 
+from moex import workdir as workdir_lib
 from moex.train import writers
 
 PROGRESS_LINES = 100_000  # log progress every this many lines read
@@ -74,15 +74,16 @@ def _is_moe_record(r: dict) -> bool:
 
 
 def load_run(workdir: str) -> Run:
-  """The workdir's records (bad lines skipped, repeats deduplicated) and config.json."""
-  wd = epath.Path(workdir)
-  metrics = read_jsonl(wd / writers.METRICS)
-  moe = [r for r in read_jsonl(wd / writers.MOE_STATS) if _is_moe_record(r)]
+  """The workdir's records (bad lines skipped, repeats deduplicated) and its config (a
+  dict; empty, with a warning, when config.json is missing or bad)."""
+  wd = workdir_lib.Workdir(workdir)
+  metrics = read_jsonl(wd.path / workdir_lib.METRICS)
+  moe = [r for r in read_jsonl(wd.path / workdir_lib.MOE_STATS) if _is_moe_record(r)]
   config = {}
   try:
-    config = json.loads((wd / "config.json").read_text())
-  except (OSError, ValueError) as e:
-    logging.warning("config.json not read: %s", e)
+    config = wd.raw_config()
+  except workdir_lib.WorkdirError as e:
+    logging.warning("%s (the report goes on without the config)", e)
   return Run(metrics=_dedupe(metrics, lambda r: (r["step"], r["split"])),
              moe=_dedupe(moe, lambda r: (r["step"], r["split"], r["layer"])), config=config)
 

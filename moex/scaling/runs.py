@@ -1,4 +1,5 @@
-"""The runs a scaling fit reads: finished workdirs (config.json + metrics.jsonl) as points.
+"""The runs a scaling fit reads: finished workdirs (config.json + metrics.jsonl) as points,
+read through moex.workdir (its config and its one "finished?").
 
 Each finished run becomes one RunPoint: active and total parameters (moex.model.params
 counts, the one count), tokens seen (train.steps x data.batch_size x data.seq_len),
@@ -10,15 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
+import math
 import os
 
-import ml_collections
 from absl import logging
 
-from moex import errors
-from moex import config as config_lib
-from moex.report import read
+from moex import errors, workdir as workdir_lib
 
 
 class ScalingError(ValueError, errors.Refusal):
@@ -52,7 +50,7 @@ class RunPoint:
 
 def candidates(spec: str) -> list[str]:
   """Workdirs named by --runs: a workdir, a sweep root (every directory below it holding
-  config.json and metrics.jsonl) or a glob of either; sorted."""
+  config.json and metrics.jsonl: workdir_lib.CONFIG, METRICS) or a glob of either; sorted."""
   paths = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
   if not paths or not all(os.path.exists(p) for p in paths):
     raise ScalingError(f"--runs={spec}: no such file or directory")
@@ -60,15 +58,9 @@ def candidates(spec: str) -> list[str]:
   for p in paths:
     for root, dirs, files in os.walk(p):
       dirs.sort()
-      if "config.json" in files and "metrics.jsonl" in files:
+      if workdir_lib.CONFIG in files and workdir_lib.METRICS in files:
         found.add(root)
   return sorted(found)
-
-
-def final_eval(metrics: list[dict], steps: int) -> float | None:
-  """The eval loss at the run's last step (train.steps), or None while it is unfinished."""
-  rows = [r for r in metrics if r.get("split") == "eval" and r["step"] >= steps]
-  return float(rows[-1]["loss"]) if rows else None
 
 
 def point(workdir: str) -> RunPoint | None:
@@ -76,14 +68,24 @@ def point(workdir: str) -> RunPoint | None:
   from moex.model import params  # imports jax: only when reading runs
   from moex.train import flops
 
+  wd = workdir_lib.Workdir(workdir)
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      cfg = config_lib.validate(ml_collections.ConfigDict(json.load(f)))
-  except (OSError, ValueError) as e:  # ConfigError is a ValueError
-    raise ScalingError(f"{workdir}/config.json: {e}") from None
-  loss = final_eval(read.read_jsonl(os.path.join(workdir, "metrics.jsonl")), cfg.train.steps)
-  if loss is None:
+    cfg = wd.validated(check_tokenizer=False)
+  except workdir_lib.WorkdirError as e:  # names the file
+    raise ScalingError(str(e)) from None
+  except ValueError as e:  # a ConfigError: names the key
+    raise ScalingError(f"{wd.config_path}: {e}") from None
+  final = wd.final_eval(cfg.train.steps)  # the one "finished?" (moex.workdir)
+  if final is None:
     return None
+  try:
+    loss = float(final["loss"])
+  except (KeyError, TypeError, ValueError):
+    loss = math.nan
+  if not math.isfinite(loss):
+    raise ScalingError(f"{wd.path / workdir_lib.METRICS}: the final eval loss at step "
+                       f"{final.get('step')} is {final.get('loss')!r}, not a finite number; "
+                       "leave the run out of --runs")
   counts = params.counts(cfg)
   tokens = float(cfg.train.steps * cfg.data.batch_size * cfg.data.seq_len)
   moe = bool(cfg.model.moe_layers)
@@ -100,7 +102,8 @@ def read_runs(spec: str) -> list[RunPoint]:
   """The finished runs under --runs=SPEC; refuses no runs, one run and mixed data."""
   dirs = candidates(spec)
   if not dirs:
-    raise ScalingError(f"--runs={spec}: no workdir (config.json + metrics.jsonl) there")
+    raise ScalingError(f"--runs={spec}: no workdir ({workdir_lib.CONFIG} + "
+                       f"{workdir_lib.METRICS}) there")
   points, unfinished = [], []
   for d in dirs:
     p = point(d)
