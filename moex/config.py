@@ -9,11 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
+import pathlib
 from typing import Any
 
 import ml_collections
 
 from moex import errors
+
+CACHE_ENV = "MOEX_CACHE_DIR"  # moex's cache root: tokens/ (data.sources), cpu_peak.json (flops)
+
+
+def cache_root() -> pathlib.Path:
+  """$MOEX_CACHE_DIR, default ~/.cache/moex: the one meaning of the variable."""
+  return pathlib.Path(os.environ.get(CACHE_ENV) or "~/.cache/moex").expanduser()
 
 DROP_POLICIES = ("position", "probability")
 GROUPED_MATMULS = ("auto", "ragged_dot", "tiled", "chunked", "blocked", "megablox")

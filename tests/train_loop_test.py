@@ -102,7 +102,7 @@ def test_a_bad_tokenizer_path_is_a_config_error(tiny_config, tmp_path):
   missing = tmp_path / "no_such_tokenizer"
   tiny_config.data.tokenizer = str(missing)
   with pytest.raises(config_lib.ConfigError) as e:
-    loop.prepare(tiny_config)
+    loop.config_and_mesh(tiny_config)
   assert str(e.value).startswith(f"data.tokenizer: {missing}: no such file or directory; ")
 
 

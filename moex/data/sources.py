@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from absl import logging
 import numpy as np
 
+from moex import config as config_lib
 from moex.data import tokenizer as tokenizer_lib
 
 _GLOB_CHARS = frozenset("*?[")
@@ -107,10 +108,8 @@ def split_files(
 
 
 def default_cache_dir() -> pathlib.Path:
-  """$MOEX_CACHE_DIR/tokens: MOEX_CACHE_DIR is moex's cache root (default ~/.cache/moex),
-  as in moex.train.flops (its cpu_peak.json)."""
-  root = os.environ.get("MOEX_CACHE_DIR") or "~/.cache/moex"
-  return pathlib.Path(root).expanduser() / "tokens"
+  """$MOEX_CACHE_DIR/tokens (moex.config.cache_root: the cache root, as for cpu_peak.json)."""
+  return config_lib.cache_root() / "tokens"
 
 
 def _cache_key(

@@ -70,7 +70,7 @@ def import_hf(hf_dir: str, workdir: str, base: ml_collections.ConfigDict,
       cd.data.tokenizer = str(tok_dir)
     else:
       cd.data.tokenizer = "byte"
-  cfg, mesh = loop.prepare(cd)  # the trainer's own checks: tokenizer, config, mesh layout
+  cfg, mesh = loop.config_and_mesh(cd)  # the trainer's own checks: tokenizer, config, mesh layout
   _, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
   if jax.tree.leaves(abs_buffers):  # none of the families keeps router state
     raise ConvertError(f"{fam.architecture}: the moex model has buffers the checkpoint lacks")

@@ -553,7 +553,7 @@ def upcycle(source: str, workdir: str, cd: ml_collections.ConfigDict,
   if out.has_config():
     raise UpcycleError(f"--workdir={workdir}: already holds a model or a run "
                        f"({workdir_lib.CONFIG}); pick a new directory")
-  cfg, mesh = loop.prepare(cd)
+  cfg, mesh = loop.config_and_mesh(cd)
   src_wd = workdir_lib.Workdir(source)
   src = read_config(src_wd)
   g = check(src, cfg, opts.method, f"{source}/{workdir_lib.CONFIG}")

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from moex import config as config_lib
 from moex.config import Config
 from moex.model import params
 
@@ -61,8 +62,7 @@ def train_flops_per_token(cfg: Config) -> float:
 
 
 def _cache_path() -> str:
-  root = os.environ.get("MOEX_CACHE_DIR") or os.path.expanduser("~/.cache/moex")
-  return os.path.join(root, "cpu_peak.json")
+  return os.fspath(config_lib.cache_root() / "cpu_peak.json")
 
 
 def _cpu_key() -> str:

@@ -31,7 +31,7 @@ from moex import workdir as workdir_lib
 from moex.train import writers
 
 
-def prepare(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
+def config_and_mesh(cd: ml_collections.ConfigDict) -> tuple[config_lib.Config, Mesh]:
   """Validates the config (vocab size from the tokenizer); builds and checks the mesh."""
   cfg = workdir_lib.validate(cd)
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -102,7 +102,7 @@ def train_and_evaluate(cd: ml_collections.ConfigDict, workdir: str,
   `max_steps` bounds the steps taken by this call (a time-sliced job): it checkpoints and
   returns early, and the next call with the same workdir continues.
   """
-  cfg, mesh = prepare(cd)
+  cfg, mesh = config_and_mesh(cd)
   logging.info("mesh: %s over %d devices (%s), %d processes", dict(mesh.shape),
                mesh.devices.size, jax.default_backend(), jax.process_count())
   held = workdir_lib.lock(workdir)  # Before anything reads or writes the workdir.
