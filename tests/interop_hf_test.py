@@ -238,3 +238,19 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
   want = model.state_dict()["model.layers.0.self_attn.q_proj.weight"].float().numpy()
   got = np.asarray(params["block_0"]["attn"]["q_DxHxA"], np.float32)
   np.testing.assert_array_equal(got.reshape(got.shape[0], -1).T, want)  # bit-exact
+
+
+def test_export_refuses_a_table_that_leaves_out_a_parameter():
+  """A model tensor the family's table lacks is refused, not silently left out of OUT."""
+  cfg = config_lib.validate(tiny.get_config(), vocab_size=259)
+  fam, _ = families.from_moex(cfg.model, cfg.moe, None)
+  rules = fam.tensors(cfg.model, cfg.moe, fam.hub_layout())
+  hf.check_covers(rules, cfg, fam)  # the whole tree: nothing to say
+  with pytest.raises(families.Unsupported) as e:
+    hf.check_covers(rules[1:], cfg, fam)
+  assert str(e.value) == (
+      f"export to {fam.architecture}: the model has {rules[0].path}, which the family's "
+      "tensor table does not write; add it to the family (moex/interop/families/) or export "
+      "to another --architecture")
+  with pytest.raises(families.Unsupported, match="not once in the model's tree"):
+    hf.check_covers(rules + rules[:1], cfg, fam)

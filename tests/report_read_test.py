@@ -62,3 +62,15 @@ def test_dead_count_prefers_the_dead_experts_field():
   assert report.dead_count(moe_line(10, "train", 0, [40, 20, 20, 0])) == 1  # from the load
   assert report.dead_count(moe_line(10, "train", 0, [40, 20, 20, 0],
                                     dead_experts=[2, 3])) == 2
+
+
+def test_a_line_that_is_not_utf8_is_skipped_like_any_bad_line(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  path.write_bytes(b'{"step": 1, "split": "train", "loss": 2.0}\n'
+                   b'{"step": 2, "split": "tr\xff\xfein"}\n'
+                   b'{"step": 3, "split": "train", "loss": 1.0}\n')
+  with caplog.at_level(logging.WARNING):
+    rows = report.read_jsonl(path)
+  assert [r["step"] for r in rows] == [1, 3]
+  assert any("metrics.jsonl:2: skipping a bad JSON line" in r.getMessage()
+             for r in caplog.records), caplog.text

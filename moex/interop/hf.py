@@ -24,6 +24,7 @@ from etils import epath
 from moex.config import Config
 from moex.interop import families
 from moex.interop import safetensors_dir
+from moex.model import params as params_lib
 from moex.interop.safetensors_dir import FormatError
 
 CONFIG = "config.json"
@@ -132,6 +133,26 @@ def copy_files(files, dest: epath.Path) -> None:
 # Export.
 
 
+def check_covers(rules, cfg: Config, fam: families.Family) -> None:
+  """Unsupported, one line naming the parameter, unless the family's table writes every
+  parameter of the model's tree (moex/model/params.py) exactly once: a tensor the table
+  lacks would otherwise be left out of the export without a word."""
+  tree = [leaf.path for leaf in params_lib.tree(cfg)]
+  written = [r.path for r in rules]
+  missing = [p for p in tree if p not in written]
+  if missing:
+    raise families.Unsupported(
+        f"export to {fam.architecture}: the model has {missing[0]}"
+        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        + ", which the family's tensor table does not write; add it to the family "
+        "(moex/interop/families/) or export to another --architecture")
+  extra = sorted(set(written) - set(tree)) or sorted({p for p in written
+                                                       if written.count(p) > 1})
+  if extra:
+    raise families.Unsupported(f"export to {fam.architecture}: the family's tensor table "
+                               f"writes {extra[0]}, which is not once in the model's tree")
+
+
 def export(params_host, cfg: Config, out_dir: str, *, architecture: str | None = None,
            extra_config: dict | None = None, tokenizer_dir: str | None = None,
            max_shard_bytes: int = 4 << 30, overwrite: bool = False,
@@ -150,6 +171,7 @@ def export(params_host, cfg: Config, out_dir: str, *, architecture: str | None =
         "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")})
   hf["transformers_version"] = hf.get("transformers_version", "5.0.0")
   rules = fam.tensors(cfg.model, cfg.moe, fam.hub_layout())
+  check_covers(rules, cfg, fam)
   dtype = np.dtype(cfg.model.param_dtype)
   out = epath.Path(out_dir)
   safetensors_dir.check_target(out, overwrite=overwrite)

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from moex import errors, report, workdir as workdir_lib
+from moex import errors, files, report, workdir as workdir_lib
 
 TARGET_DROP = 0.01  # the recommendation column: cf keeping drops under 1% (moex.report)
 RECENT = 8  # train windows the final-window columns average over
@@ -158,12 +158,7 @@ def check(dirs: list[str], labels: list[str], out: str) -> None:
 
 
 def _save(fig: Figure, out: str) -> None:
-  """Writes the PNG to a temporary file and renames it: a reader sees the old or the new."""
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  stem, ext = os.path.splitext(out)
-  tmp = f"{stem}.{os.getpid()}.tmp{ext or '.png'}"
-  fig.savefig(tmp, dpi=120)
-  os.replace(tmp, out)
+  files.save_figure(fig, out)  # renamed into place whole
 
 
 def plot(curves: dict[str, dict[int, float]], out: str) -> None:

@@ -15,6 +15,7 @@ from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from moex import files
 from moex.report import read
 from moex.report.capacity import current_cf
 from moex.report.read import Run
@@ -31,7 +32,7 @@ def _figure(nrows: int = 1, ncols: int = 1, width: float = 7.0, height: float = 
 
 
 def _save(fig: Figure, out: str, name: str) -> str:
-  fig.savefig(os.path.join(out, name), dpi=110)
+  files.save_figure(fig, os.path.join(out, name), dpi=110)  # renamed into place whole
   logging.info("wrote %s", os.path.join(out, name))
   return name
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 from absl import logging
 
-from moex import errors, workdir as workdir_lib
+from moex import errors, files, workdir as workdir_lib
 from moex.report import capacity, figures, read
 from moex.report.read import Run
 
@@ -150,9 +150,6 @@ def write_report(workdir: str, out: str | None = None, target_drop: float = 0.01
   if not run.metrics:
     lines += [f"No {workdir_lib.METRICS} lines: no loss curves.", ""]
   page = os.path.join(out, workdir_lib.REPORT)
-  tmp = f"{page}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  os.replace(tmp, page)
+  files.write_text(page, "\n".join(lines))
   logging.info("wrote %s", page)
   return page

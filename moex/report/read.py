@@ -42,16 +42,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return []
   out, total = [], 0
   for file in files:
-    with file.open() as f:
-      for n, line in enumerate(f, start=1):
+    with file.open("rb") as f:
+      for n, raw in enumerate(f, start=1):
         total += 1
         if total % PROGRESS_LINES == 0:
           logging.info("%s: read %d lines", path, total)
+        line = raw.decode("utf-8", errors="replace")
         if not line.strip():
           continue
         try:
-          rec = json.loads(line)
-        except ValueError:
+          rec = json.loads(raw.decode("utf-8"))  # a byte that is not UTF-8: a bad line
+        except ValueError:  # UnicodeDecodeError is one
           rec = None
         if not isinstance(rec, dict) or "step" not in rec or "split" not in rec:
           torn = "" if line.endswith("\n") else " (torn last line: still being written?)"

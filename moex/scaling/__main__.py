@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from moex import cli
+from moex import cli, files
 
 SUBCOMMANDS = ("fit", "plan")
 
@@ -85,8 +85,7 @@ def run_plan(f) -> None:
     law = commands.load_law(f.law)
     source = commands.experiment_config(best, law, f.batch_size, f.seq_len, f.vocab_size,
                                         "python -m moex.scaling " + " ".join(sys.argv[1:]))
-    with open(f.write_config, "w") as out:
-      out.write(source)
+    files.write_text(f.write_config, source)  # renamed into place whole
     print(f"moex.scaling: wrote {f.write_config}")
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 
+from moex import files
 from moex.scaling import fit as fit_lib
 from moex.scaling import figures, forms, laws, plan
 from moex.scaling.runs import RunPoint, ScalingError, read_runs
@@ -81,13 +82,10 @@ def fit_runs(spec: str, out: str, holdout: str = "largest", bootstrap: int = 200
     result["laws"]["joint"] = law_json(joint)
   result["main"] = "joint" if joint is not None else next(iter(fits))
   result["multiplier"] = multipliers(fits, joint, held)
-  os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
+  files.write_text(out + ".json", json.dumps(result, indent=1))
   result["figures"] = [figures.measured_vs_fitted(fits, held, out + "_fit.png"),
                        figures.isoflop(fits, 5, out + "_isoflop.png")]
-  with open(out + ".md", "w") as f:
-    f.write(markdown(result))
+  files.write_text(out + ".md", markdown(result))
   return result
 
 

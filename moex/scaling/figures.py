@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from moex import files
 from moex.scaling import plan
 from moex.scaling.fit import Fit
 from moex.scaling.runs import RunPoint
@@ -21,9 +21,7 @@ def _figure(ncols: int, width: float = 5.2, height: float = 4.0):
 
 
 def _save(fig: Figure, out: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  return out
+  return files.save_figure(fig, out)  # renamed into place whole
 
 
 def measured_vs_fitted(fits: dict[str, Fit], held: dict[str, RunPoint], out: str) -> str:

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from moex import errors, workdir as workdir_lib
+from moex import errors, files, workdir as workdir_lib
 from moex.report import comparison
 
 
@@ -200,14 +200,6 @@ def bench_table(module, variants: list[str], steps: int) -> tuple[str, dict]:
   return "\n".join(lines), results
 
 
-def _write(path: str, text: str) -> None:
-  """Writes `path` whole: a temporary file renamed over it."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def sweep(config: str, root: str, variants: Sequence[str] | None = None,
           figure: str | None = None, seeds: Sequence[str] = (), bench_steps: int = 8) -> str:
   """Trains every variant of `config` that has not finished (then the replicate `seeds`),
@@ -261,8 +253,8 @@ def sweep(config: str, root: str, variants: Sequence[str] | None = None,
   if bench_steps > 0:
     timing, results = bench_table(module, variants, bench_steps)
     md += "\n" + timing + "\n"
-    _write(os.path.join(root, "bench.json"), json.dumps(results, indent=2))
-  _write(os.path.join(root, "summary.md"),
+    files.write_text(os.path.join(root, "bench.json"), json.dumps(results, indent=2))
+  files.write_text(os.path.join(root, "summary.md"),
          f"# {os.path.basename(config)}: {', '.join(variants)}\n\n{md}")
   logging.info("sweep: wrote %s", os.path.join(root, "summary.md"))
   return md
