@@ -4,8 +4,19 @@ trained on a few stdlib files (no downloads), a fake gs:// store."""
 import os
 import pathlib
 import sys
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for the whole run, both xdist workers and every
+# command or tests/multidevice script they launch (the environment is inherited): most tests
+# compile the same tiny model, and compiling is about half of a short training test (40 s
+# cold, 20 s warm for train_loop_test::test_rerun_of_a_finished_run_adds_no_lines). Entries
+# are keyed by the HLO, the flags and the jax version, so a stale one is never used; the
+# folder outlives the run, which makes the next run of the edit-test loop faster too.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"moex-tests-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # experiments/ is not a package on the install path.
@@ -144,3 +155,17 @@ def fake_gcs(monkeypatch, tmp_path):
   yield FakeGCS
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   assert not os.listdir(cwd)  # No local `gs:` folder: nothing went through os paths.
+
+
+def pytest_collection_finish(session):
+  """Says so when xdist_group marks are ignored: --dist loadgroup (pyproject.toml) groups by
+  renaming each marked test's node id, which pytest 9.2 silently undoes
+  (pytest-dev/pytest-xdist#1386); the expensive shared fixtures are then built per worker."""
+  if not session.config.getoption("loadgroup", False):
+    return
+  lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group")
+          and "@" not in i.nodeid]
+  if lost:
+    session.config.issue_config_time_warning(pytest.PytestWarning(
+        f"xdist_group is ignored by pytest {pytest.__version__} ({lost[0]} and"
+        f" {len(lost) - 1} more run ungrouped): install with -c constraints.txt"), stacklevel=1)

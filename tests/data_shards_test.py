@@ -148,6 +148,7 @@ def _prepared_config(tiny_config, dirs, weights=""):
   return c
 
 
+@pytest.mark.slow
 def test_trains_from_a_mixture_and_resumes(two_sources, tiny_config, tmp_path):
   """The tiny model from two prepared sources, stopped at step 3 and resumed to step 6: each
   step logged once, and the token counts continue from the checkpointed iterator."""

@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 from generation_reference import NEW, _hf_greedy, _hub
 from moe_reference import JIT_OPTIONS
+import interop_tiny
 import multidevice_run
 
 from experiments import tiny
 from moex import config as config_lib
 from moex.generation import engine, sampling as sample
-from moex.interop import hf
 from moex.model.decoder import Decoder
 from moex.parallel import mesh as mesh_lib
 from moex.train import state as state_lib
@@ -25,16 +25,8 @@ FAST = JIT_OPTIONS.get("compiler_options")
 
 
 def _imported_generator(directory, batch_size, **kwargs):
-  fam, _, model, moe = hf.moex_sections(str(directory))
-  cd = tiny.get_config()
-  cd.model.update(model)
-  cd.moe.update(moe)
-  cfg = config_lib.validate(cd)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  graphdef, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
-  params = hf.load_params(str(directory), cfg, abs_params, fam)
-  return engine.Generator(cfg, graphdef, params, jax.tree.map(np.zeros_like, abs_buffers),
-                            mesh, batch_size=batch_size, cache_len=48, compiler_options=FAST,
+  cfg, mesh, graphdef, params, buffers = interop_tiny.load_imported(directory)
+  return engine.Generator(cfg, graphdef, params, buffers, mesh, batch_size=batch_size, cache_len=48, compiler_options=FAST,
                             **kwargs)
 
 

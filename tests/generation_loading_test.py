@@ -40,6 +40,8 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.xdist_group("many_experts_workdir")  # the session fixture, built once
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 def test_an_unreadable_newest_checkpoint_falls_back_with_one_warning(
     many_experts_workdir, tmp_path, caplog, name):

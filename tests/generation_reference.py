@@ -5,28 +5,21 @@ import pathlib
 
 import torch
 import transformers
+from interop_tiny import COMMON, FAMILIES
 
 NEW = 12
-HF_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, initializer_range=0.15, rms_norm_eps=1e-5,
-                 tie_word_embeddings=False, max_position_embeddings=256, rope_theta=5000.0)
-HF_FAMILIES = {
-    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
-                dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24)),
-    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
-                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
-                       intermediate_size=40, head_dim=12, norm_topk_prob=True,
-                       mlp_only_layers=[1])),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
-              dict(intermediate_size=40)),
-}
+# interop_tiny's families, with what generation needs: qwen3_moe with 8 experts and 2 layers
+# (a decode step has T*K < E: the gather path), a 256-column position table.
+OVERRIDES = {"mixtral": {}, "qwen3_moe": dict(num_experts=8, num_hidden_layers=2),
+             "llama": {}}
 
 
 def _hub(name: str, directory: pathlib.Path, vocab_size: int = 96) -> pathlib.Path:
-  cls_cfg, cls_model, extra = HF_FAMILIES[name]
+  cls_cfg, cls_model, extra = FAMILIES[name]
   torch.manual_seed(0)
-  cls_model(cls_cfg(vocab_size=vocab_size, **HF_COMMON, **extra)).float().save_pretrained(
-      directory)
+  kwargs = {**COMMON, **extra, **OVERRIDES[name], "vocab_size": vocab_size,
+            "max_position_embeddings": 256}
+  cls_model(cls_cfg(**kwargs)).float().save_pretrained(directory)
   return directory
 
 

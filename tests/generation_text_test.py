@@ -8,6 +8,8 @@ import pytest
 from moex.generation import engine, sampling as sample, text
 
 
+@pytest.mark.xdist_group("many_experts_workdir")  # the session fixture, built once
+@pytest.mark.slow
 def test_command_on_a_trained_workdir(many_experts_workdir):
   """The session's trained tiny run (E=256, K=8: decode steps take the gather path)."""
   out = io.StringIO()

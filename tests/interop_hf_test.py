@@ -44,15 +44,8 @@ def hub_dir(request, tmp_path_factory):
 
 
 def _moex_logits(directory, tokens):
-  fam, _, model, moe = hf.moex_sections(str(directory))
-  cd = tiny.get_config()
-  cd.model.update(model)
-  cd.moe.update(moe)
-  cfg = config_lib.validate(cd)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  graphdef, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
-  params = hf.load_params(str(directory), cfg, abs_params, fam)
-  net = nnx.merge(graphdef, params, jax.tree.map(np.zeros_like, abs_buffers))
+  cfg, _, graphdef, params, buffers = interop_tiny.load_imported(directory)
+  net = nnx.merge(graphdef, params, buffers)
   logits, _ = jax.jit(lambda t: net(t, train=False))(tokens)
   return np.asarray(logits), cfg
 

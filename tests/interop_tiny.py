@@ -5,8 +5,16 @@ tests/interop_families_test.py (the tensor tables against the checkpoints); addi
 adds its entry here.
 """
 
+import jax
+import numpy as np
 import torch
 import transformers
+
+from experiments import tiny
+from moex import config as config_lib
+from moex.interop import hf
+from moex.parallel import mesh as mesh_lib
+from moex.train import state as state_lib
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, initializer_range=0.15, rms_norm_eps=1e-5,
@@ -39,3 +47,17 @@ def hf_model(name: str):
       if pname.endswith("norm.weight"):
         p.copy_(1 + 0.3 * torch.randn_like(p))
   return model
+
+
+def load_imported(directory):
+  """An HF directory read as moex.convert does, on tiny's other sections: (cfg, mesh,
+  graphdef, params, buffers) with the buffers (the router bias) zero."""
+  fam, _, model, moe = hf.moex_sections(str(directory))
+  cd = tiny.get_config()
+  cd.model.update(model)
+  cd.moe.update(moe)
+  cfg = config_lib.validate(cd)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  graphdef, abs_params, abs_buffers = state_lib.abstract_variables(cfg, mesh)
+  params = hf.load_params(str(directory), cfg, abs_params, fam)
+  return cfg, mesh, graphdef, params, jax.tree.map(np.zeros_like, abs_buffers)

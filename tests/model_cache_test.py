@@ -102,7 +102,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+SLOW_CASES = ("dense", "moe_dropless")  # ~9 s each on 2 cores: the full suite only
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in sorted(CASES)])
 def test_cached_decoding_equals_full_forward(case):
   cfg = _cfg(**CASES[case])
   net = Decoder(cfg.model, cfg.moe, nnx.Rngs(0))

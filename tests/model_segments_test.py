@@ -132,6 +132,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_equals_separate(case):
   overrides, train = CASES[case]
@@ -163,6 +164,7 @@ def _second_document(built, docs, train):
   return packed[0, n0:n0 + n1], after_pad[0, n0:n0 + n1], stats
 
 
+@pytest.mark.slow
 def test_documents_of_a_row_share_its_capacity_and_padding_takes_none():
   """Capacity is per packed row: at capacity factor 1 a document gets other results after
   another document than after the same number of padding tokens (which take no slot); at a
@@ -177,6 +179,7 @@ def test_documents_of_a_row_share_its_capacity_and_padding_takes_none():
   assert np.max(np.abs(shared - alone_after_pad)) <= TOL
 
 
+@pytest.mark.slow
 def test_padding_tokens_change_nothing():
   """Whatever the padding holds (its token ids), real tokens' logits and every MoE
   statistic stay the same; loads count real tokens only."""
@@ -215,6 +218,7 @@ def _loss_and_grads(built, cfg, batch):
   return float(loss), jax.tree.map(np.asarray, aux), jax.tree.map(np.asarray, grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dense", [False, True])
 def test_padding_removed_gives_the_same_loss_grads_and_stats(dense):
   """The same rows with 9 more padding positions each: the same loss (cross-entropy and
@@ -238,6 +242,7 @@ def test_padding_removed_gives_the_same_loss_grads_and_stats(dense):
     assert aux_p["load_balance_loss"] > 0 and aux_p["z_loss"] > 0
 
 
+@pytest.mark.slow
 def test_loss_is_the_mean_over_documents_targets():
   """The packed loss = the documents' cross-entropies run alone, weighted by their
   targets (n - 1 each: a document's last token predicts nothing inside it)."""
@@ -265,6 +270,7 @@ def test_target_weights_follow_the_contract():
   assert int(step_lib.num_targets(seg)) == 12
 
 
+@pytest.mark.slow
 def test_document_flags():
   """data.document_mask=False: attention over the whole row, as without segment ids
   (with document_positions=False too, exactly the unpacked forward); the first document
@@ -294,6 +300,7 @@ def test_document_flags():
   assert max_delta(shifted, docs_rows, separate) <= 1e-4
 
 
+@pytest.mark.slow
 def test_expert_choice_refuses_segment_ids():
   built = _build(_cfg(router="expert_choice", allow_noncausal_routing=True))
   tokens, seg, pos = pack(_docs(), L)
@@ -301,6 +308,7 @@ def test_expert_choice_refuses_segment_ids():
     logits(built, tokens, seg, pos)
 
 
+@pytest.mark.slow
 def test_packed_train_step_and_accumulation():
   """The jitted train step on a packed batch dict: finite, counts real targets, and three
   micro-batches give the same step as one (weighted cross-entropy over the whole batch)."""

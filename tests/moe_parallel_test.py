@@ -12,7 +12,9 @@ import pytest
 
 import multidevice_run
 
-pytestmark = pytest.mark.slow  # every test here launches processes or devices
+# Every test here reads one 8-device script's results (5 minutes on 2 cores): slow, and one
+# worker, so the fixture runs once per session.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("moe_parallel")]
 
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "ep_equivalence.py"
 

@@ -250,6 +250,7 @@ def test_records_routing_churn_field():
   assert all(r["routing_churn"] is None for r in _records(window, layers=(1, 3)))
 
 
+@pytest.mark.slow
 def test_gather_path_on_expert_ranks_reports_its_overflow():
   """tests/multidevice/stats_mesh.py: a decode-sized evaluation call (the gather path) on 2
   expert ranks with moe.ep_buffer_factor=0.5 overflows its pair buffers; the overflow is

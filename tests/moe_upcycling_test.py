@@ -113,6 +113,7 @@ def _up(source, tmp_path, cd, name="up", **opts):
 COPY_ROUTERS = {"topk_softmax": {}, "softmax_topk": {"renormalize": True}, "sigmoid_bias": {}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", list(COPY_ROUTERS))
 def test_copy_equals_the_dense_model_and_a_wrong_weight_shows(dense, tmp_path, router):
   src, _, src_p, _, want = dense
@@ -141,6 +142,7 @@ GRANULAR = {  # router, moe overrides: G = d_ff (64) / d_expert
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("router", list(GRANULAR))
 def test_granular_equals_the_dense_model_with_its_scaling(dense, tmp_path, router):
   src, _, src_p, _, want = dense
@@ -234,6 +236,7 @@ def moe_source(tmp_path):
   return tmp_path / "moe", cd, params, buffers, _logits(cd, params, buffers, _tokens())
 
 
+@pytest.mark.slow
 def test_expand_preserves_experts_and_routing_mass_and_what_it_does_not(moe_source, tmp_path):
   src, src_cd, src_p, src_b, want = moe_source
   # top_k x2 with every expert doubled: the same model exactly.

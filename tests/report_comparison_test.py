@@ -68,6 +68,8 @@ def test_seed_figure_is_written(tmp_path):
   assert (tmp_path / "s.png").stat().st_size > 1000
 
 
+@pytest.mark.xdist_group("many_experts_workdir")  # the session fixture, built once
+@pytest.mark.slow
 def test_summary_and_routing_figure_of_a_run_with_many_experts(many_experts_workdir, tmp_path):
   """E=256: expert_load is a summary and dead_experts a count; both still reach the table."""
   lines = [json.loads(line) for line in open(f"{many_experts_workdir}/moe_stats.jsonl")]

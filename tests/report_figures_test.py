@@ -24,6 +24,8 @@ def test_every_figure_from_listed_loads(tmp_path):
     assert (tmp_path / "out" / name).stat().st_size > 1000, name
 
 
+@pytest.mark.xdist_group("many_experts_workdir")  # the session fixture, built once
+@pytest.mark.slow
 def test_every_figure_from_summarized_loads(many_experts_workdir, tmp_path):
   """E=256: load share percentiles over experts instead of per-expert heatmaps."""
   names = _draw_all(many_experts_workdir, tmp_path / "out")

@@ -51,6 +51,8 @@ def test_no_moe_stats(tmp_path):
   assert "](loss.png)" in md and "](dropped.png)" not in md
 
 
+@pytest.mark.xdist_group("many_experts_workdir")  # the session fixture, built once
+@pytest.mark.slow
 def test_report_of_a_run_with_many_experts(many_experts_workdir, tmp_path):
   """E=256 > moe.stats_max_experts: per-expert lists are summaries; the page still reports."""
   run = report.load_run(many_experts_workdir)

@@ -54,6 +54,7 @@ def sweep_root(tmp_path_factory):
   return str(root)
 
 
+@pytest.mark.slow
 def test_fit_command_predicts_the_held_out_runs(sweep_root, tmp_path):
   out = str(tmp_path / "fit")
   result = commands.fit_runs(sweep_root, out, "largest", bootstrap=3, keep=10)

@@ -106,6 +106,7 @@ def test_trains_times_and_summarizes_a_variant(tiny_config, tmp_path):
   assert "final validation" in (tmp_path / "root" / "dropless.log").read_text()
 
 
+@pytest.mark.xdist_group("many_experts_workdir")  # the session fixture, built once
 @pytest.mark.slow
 def test_summarizes_a_run_with_many_experts(many_experts_workdir, tmp_path):
   """A finished E=256 variant (summarized per-expert lists) gets its row and routing figure."""

@@ -21,6 +21,9 @@ from moex.model import params as params_lib
 from moex.parallel import mesh as mesh_lib
 from moex.train import checkpoint, loop, optimizer, state as state_lib
 
+# The trained source workdir (a module fixture) is built once: these tests share a worker.
+pytestmark = pytest.mark.xdist_group("train_checkpoint")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -69,6 +72,7 @@ CORRUPTIONS = {  # name: (how, what the warning says)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 def test_unreadable_latest_falls_back_to_the_one_before(trained, tmp_path, caplog, name):
   corrupt, reason = CORRUPTIONS[name]
@@ -87,6 +91,7 @@ def test_unreadable_latest_falls_back_to_the_one_before(trained, tmp_path, caplo
   assert _train_steps(workdir) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_another_model_still_does_not_match(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   c = trained[1]()
@@ -97,6 +102,7 @@ def test_another_model_still_does_not_match(trained, tmp_path):
   assert not os.path.exists(os.path.join(workdir, checkpoint.UNREADABLE))
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_says_which_in_one_line(trained, tmp_path):
   workdir = _copy(trained, tmp_path)
   os.remove(os.path.join(workdir, "checkpoints", "6", "state", "_METADATA"))
@@ -109,6 +115,7 @@ def test_no_readable_checkpoint_says_which_in_one_line(trained, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]  # Untouched.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_full_disk_during_a_save_is_one_line_and_leaves_nothing_half_written(
     trained, tmp_path, monkeypatch, caplog, async_save):
@@ -139,6 +146,7 @@ def test_full_disk_during_a_save_is_one_line_and_leaves_nothing_half_written(
   assert sorted(os.listdir(checkpoints)) == ["3", "6"]
 
 
+@pytest.mark.slow
 def test_leftover_temporary_checkpoint_is_removed_at_start(trained, tmp_path):
   """A job killed mid-save leaves STEP.orbax-checkpoint-tmp; the next run clears it."""
   workdir = _copy(trained, tmp_path)

@@ -21,6 +21,9 @@ from moex.model import params as params_lib
 from moex.parallel import mesh as mesh_lib
 from moex.train import init_from, loop, optimizer, state as state_lib
 
+# The trained source workdir (a module fixture) is built once: these tests share a worker.
+pytestmark = pytest.mark.xdist_group("train_init_from")
+
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "init_from_mesh.py"
 
 
@@ -57,6 +60,7 @@ def _init_lines(caplog) -> list[str]:
   return [r.getMessage() for r in caplog.records if r.getMessage().startswith("init_from: ")]
 
 
+@pytest.mark.slow
 def test_fine_tune_starts_at_step_0_from_the_source_then_resumes_its_own(source, tmp_path,
                                                                         caplog):
   a_dir, make, a_result = source
@@ -98,6 +102,7 @@ def test_fine_tune_on_another_mesh(source, tmp_path):
   assert row["first_eval"]["loss"] == pytest.approx(a_result["final_eval"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_save_and_load_params_round_trip_cast_to_the_run_dtype(source, tmp_path, caplog):
   a_dir, make, _ = source
   abs_p, abs_b, _ = _abstract(make())
@@ -119,6 +124,7 @@ def test_save_and_load_params_round_trip_cast_to_the_run_dtype(source, tmp_path,
   assert {x.dtype.name for x in jax.tree.leaves(got)} == {"bfloat16", "float32"}  # router f32
 
 
+@pytest.mark.slow
 def test_params_dir_wins_over_checkpoints_and_buffers_come_along(source, tmp_path, caplog):
   """An aux-loss-free router's bias is a buffer: it travels with the parameters."""
   cd = source[1]()
@@ -148,6 +154,7 @@ def test_params_dir_wins_over_checkpoints_and_buffers_come_along(source, tmp_pat
     ({"num_layers": 1}, "parameter block_1/attn/k_DxJxA (32, 1, 16) in {where} is not in the "
                         "config's model"),
 ])
+@pytest.mark.slow
 def test_another_shape_names_the_parameter_in_one_line(source, change, message):
   a_dir, make, _ = source
   cd = make()
@@ -160,6 +167,7 @@ def test_another_shape_names_the_parameter_in_one_line(source, change, message):
   assert str(e.value) == "train.init_from: " + message.format(where=where)
 
 
+@pytest.mark.slow
 def test_missing_source_is_one_line_and_the_run_stops_before_training(source, tmp_path):
   _, make, _ = source
   c = make()
@@ -171,6 +179,7 @@ def test_missing_source_is_one_line_and_the_run_stops_before_training(source, tm
   assert not os.path.exists(tmp_path / "B" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_a_write_that_dies_before_its_rename_is_never_read(source, tmp_path, monkeypatch):
   a_dir, make, _ = source
   abs_p, abs_b, _ = _abstract(make())
@@ -196,6 +205,7 @@ def test_a_write_that_dies_before_its_rename_is_never_read(source, tmp_path, mon
     np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_only_params_and_buffers_are_read_from_a_checkpoint(source, monkeypatch):
   """The source's optimizer state, step and RNG stay on disk (orbax partial restore)."""
   a_dir, make, _ = source

@@ -27,6 +27,7 @@ def _train_losses(workdir):
   return {r["step"]: r["loss"] for r in _lines(workdir, "metrics.jsonl") if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_stop_and_resume_matches_straight_run(tiny_config, tmp_path):
   straight = str(tmp_path / "straight")
   loop.train_and_evaluate(tiny_config, straight)
@@ -47,6 +48,7 @@ def test_stop_and_resume_matches_straight_run(tiny_config, tmp_path):
   assert evals_b[-1]["bits_per_byte"] == pytest.approx(evals_a[-1]["bits_per_byte"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_outputs_follow_their_contracts(tiny_config, tmp_path):
   tiny_config.train.profile_start = 2
   tiny_config.train.profile_steps = 2
@@ -106,6 +108,7 @@ def test_a_bad_tokenizer_path_is_a_config_error(tiny_config, tmp_path):
   assert str(e.value).startswith(f"data.tokenizer: {missing}: no such file or directory; ")
 
 
+@pytest.mark.slow
 def test_training_with_a_bpe_tokenizer_keeps_it_in_the_workdir(tiny_config, bpe_dir, tmp_path):
   """A tokenizer.json run: finite bits per byte, and WORKDIR/tokenizer/ reloads the same one."""
   src = tmp_path / "tok"
@@ -137,6 +140,7 @@ def test_training_with_a_bpe_tokenizer_keeps_it_in_the_workdir(tiny_config, bpe_
     assert json.load(f)["model"]["vocab_size"] == 800
 
 
+@pytest.mark.slow
 def test_larger_steps_continues_from_checkpoint(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config, workdir)
@@ -147,6 +151,7 @@ def test_larger_steps_continues_from_checkpoint(tiny_config, tmp_path):
   assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # 1..6 from the first run, no restart
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config, workdir, max_steps=3)  # good checkpoint at 3
@@ -168,6 +173,7 @@ def _checkpoints_on_disk_are_finite(workdir) -> list[int]:
   return steps
 
 
+@pytest.mark.slow
 def test_nan_gradients_with_finite_loss_are_never_checkpointed(tiny_config, tmp_path):
   """lr=1e4: the loss stays finite (1e12) while the gradient norm goes NaN at step 4. That
   step was once saved as "last good", with every parameter NaN, and retention deleted a
@@ -183,6 +189,7 @@ def test_nan_gradients_with_finite_loss_are_never_checkpointed(tiny_config, tmp_
   assert all(math.isfinite(g) for g in grad_norms)  # The NaN step stops before its line.
 
 
+@pytest.mark.slow
 def test_nonfinite_state_is_never_checkpointed_and_rerun_resumes(tiny_config, tmp_path,
                                                                  monkeypatch):
   """Parameters poisoned from step 4 on while that step's loss and gradients are finite:
@@ -214,6 +221,7 @@ def test_nonfinite_state_is_never_checkpointed_and_rerun_resumes(tiny_config, tm
   assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_expert_choice_lines_say_what_ran(tiny_config, tmp_path):
   """Expert choice is capacity-bound in training and evaluation alike: every line carries
   the capacity the layer ran with (it once said dropless, capacity null, on eval lines)."""
@@ -237,6 +245,7 @@ def test_expert_choice_lines_say_what_ran(tiny_config, tmp_path):
   assert train[0]["expert_load"] == [4 * 16] * 4  # batch 4 (log_every 1) x C 16
 
 
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_line(tiny_config, tmp_path, caplog):
   """A run killed mid-write leaves half a line; resuming must not append onto it."""
   workdir = str(tmp_path / "run")
@@ -253,6 +262,7 @@ def test_resume_drops_a_torn_last_line(tiny_config, tmp_path, caplog):
   assert sorted({r["step"] for r in stats if r["split"] == "train"}) == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_adds_no_lines(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   first = loop.train_and_evaluate(tiny_config, workdir)
@@ -265,6 +275,7 @@ def test_rerun_of_a_finished_run_adds_no_lines(tiny_config, tmp_path):
       first["final_eval"]["bits_per_byte"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_stopped_run_reports_its_latest_eval_with_its_step(tiny_config, tmp_path):
   result = loop.train_and_evaluate(tiny_config, str(tmp_path / "run"), max_steps=2)
   assert result["stopped"] and result["step"] == 2
@@ -277,6 +288,7 @@ def _schedule_warnings(warning) -> list[str]:
   return [s for s in lines if s.startswith("train.steps changed")]
 
 
+@pytest.mark.slow
 def test_more_steps_on_resume_of_a_cosine_run_warns_in_one_line(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config, workdir)
@@ -292,6 +304,7 @@ def test_more_steps_on_resume_of_a_cosine_run_warns_in_one_line(tiny_config, tmp
   assert "\n" not in line
 
 
+@pytest.mark.slow
 def test_more_steps_on_resume_before_the_wsd_decay_change_nothing(tiny_config, tmp_path):
   tiny_config.opt.schedule, tiny_config.opt.decay_fraction = "wsd", 0.5  # decay from step 3
   workdir = str(tmp_path / "run")
@@ -338,6 +351,7 @@ def _packed_example(tokens_BxL1: np.ndarray) -> dict:
           "positions": pos.astype(np.int32)}
 
 
+@pytest.mark.slow
 def test_packed_batches_train_end_to_end_and_count_real_tokens(tiny_config, tmp_path,
                                                                monkeypatch):
   """Batches carrying segment_ids compile into the loop's steps: MoE statistics count the

@@ -13,6 +13,7 @@ from moex.parallel import mesh as mesh_lib, sharding
 from moex.train import optimizer, state as state_lib, step as step_lib
 
 
+@pytest.mark.slow
 def test_compiles_once_and_donates(tiny_config):
   cfg = config_lib.validate(tiny_config, vocab_size=259)
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -62,6 +63,7 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_same_step(tiny_config):
   # Balancing losses are per micro-batch (products of batch means), so compare without
   # the Switch loss; cross-entropy and z-loss are means over tokens and accumulate exactly.
@@ -77,6 +79,7 @@ def test_gradient_accumulation_gives_the_same_step(tiny_config):
     np.testing.assert_array_equal(m_accum["moe"][k], m_full["moe"][k])
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results(tiny_config):
   tokens = _tokens(tiny_config)
   plain, _ = _one_step(tiny_config, tokens)
@@ -86,6 +89,7 @@ def test_remat_changes_memory_not_results(tiny_config):
     _assert_trees_close(remat["params"], plain["params"])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains(tiny_config):
   tiny_config.model.dtype = "bfloat16"
   state, metrics = _one_step(tiny_config, _tokens(tiny_config))
@@ -116,6 +120,7 @@ def test_probe_returns_first_choices(tiny_config):
         np.asarray(probe(zero_router, state["buffers"], tokens)), 0)
 
 
+@pytest.mark.slow
 def test_eval_bytes_are_the_bytes_of_the_text_with_a_bpe_tokenizer(tiny_config, bpe_dir):
   """Bits per byte divide by the real bytes: on a stdlib snippet (accented letters included)
   the eval step's target bytes are the UTF-8 bytes of the decoded targets, the text's."""
@@ -157,6 +162,7 @@ GOLDEN_MESSAGE = (
     "refactor, which must keep them -- and say why in the commit.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dispatch", sorted(GOLDEN))
 def test_one_step_golden_loss_and_grad_norm(tiny_config, dispatch):
   tiny_config.seed = 0

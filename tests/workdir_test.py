@@ -86,6 +86,7 @@ def test_unwritable_workdir_is_one_line_naming_it(tmp_path, monkeypatch):
     workdir.make(tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_lock_of_a_dead_process_is_taken_over(tiny_config, tmp_path, caplog):
   d = str(tmp_path / "run")
   _write_lock(d, pid=_dead_pid(), heartbeat=1e18)  # fresh heartbeat: the pid decides
@@ -96,6 +97,7 @@ def test_lock_of_a_dead_process_is_taken_over(tiny_config, tmp_path, caplog):
   assert not os.path.exists(os.path.join(d, "lock"))
 
 
+@pytest.mark.slow
 def test_lock_released_when_the_run_fails(tiny_config, tmp_path):
   d = str(tmp_path / "run")
   tiny_config.opt.learning_rate = 1e30  # non-finite loss: FloatingPointError
@@ -125,6 +127,7 @@ def test_heartbeat_refreshes_the_lock(tmp_path, monkeypatch):
   assert after > before and not (tmp_path / "lock").exists()
 
 
+@pytest.mark.slow
 def test_training_on_a_remote_workdir(fake_gcs, tiny_config, tmp_path, monkeypatch):
   """Lock, config.json, metrics and statistics go to gs:// and read back; checkpoints go to
   a local folder here (orbax writes arrays with tensorstore's own GCS driver)."""
