@@ -110,6 +110,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (TensorBoard's Profile tab, with tensorboard-plugin-profile; process 0 only). 0 = off.
   t.profile_start = 5  # The first traced step: later than compilation and the first steps.
 
+  # Adapters (LoRA) for fine-tuning: every field starts at its default in moex/config.py
+  # LoRAConfig, which documents each one; rank 0 = off (full training). An adapter run is a
+  # fine-tune: --config.train.init_from=BASE_WORKDIR --config.lora.rank=16
+  # --config.lora.targets=attention,experts (WORKSPACE.md "Adapters").
+  c.lora = ml_collections.ConfigDict(dataclasses.asdict(config_lib.LoRAConfig()))
+
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Mesh axis sizes; one may be -1 = all remaining devices.
   mesh.fsdp = 1

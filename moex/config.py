@@ -36,6 +36,9 @@ LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "mlp", "norm", "
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 SCHEDULES = ("cosine", "wsd")
 QK_NORMS = ("none", "head", "full")
+LORA_TARGETS = ("q", "k", "v", "o", "dense", "shared", "experts")  # moex/model/lora.py
+LORA_ALIASES = {"attention": ("q", "k", "v", "o"), "all": LORA_TARGETS}
+LORA_SCALINGS = ("standard", "rslora")
 
 
 class ConfigError(ValueError, errors.Refusal):
@@ -130,6 +133,35 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """LoRA adapters (moex/model/lora.py). The one home of their defaults; rank 0 = off (a
+  config without a lora section, e.g. a workdir written before adapters, is rank 0)."""
+
+  rank: int = 0  # Adapter rank r; 0 = no adapters (every parameter trains).
+  alpha: float = 16.0  # The update is scale * B A with scale = alpha / r ("standard") or
+  scaling: str = "standard"  # alpha / sqrt(r) ("rslora", Kalajdzievski 2023).
+  # Comma-separated targets: q, k, v, o (attention projections), dense (dense blocks'
+  # SwiGLU), shared (shared experts), experts (every routed expert's gate, up and down, per
+  # expert); "attention" = q,k,v,o; "all" = every target the model has.
+  targets: str = "attention"
+  train_router: bool = False  # Also train the routers' full weights (frozen by default).
+  dtype: str = "float32"  # Adapter parameters' dtype (the base keeps model.param_dtype).
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (self.rank ** 0.5 if self.scaling == "rslora" else self.rank)
+
+  def has(self, target: str) -> bool:
+    """Whether `target` (one of LORA_TARGETS) has adapters; `validate` resolves aliases, so
+    a validated config's targets are plain names."""
+    return self.enabled and target in {x.strip() for x in self.targets.split(",")}
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """config.data, the one view moex.data reads (fields commented in experiments/tiny.py)."""
 
@@ -216,6 +248,7 @@ class Config:
   opt: OptConfig
   train: TrainConfig
   mesh: MeshConfig
+  lora: LoRAConfig = LoRAConfig()
 
 
 def _view(cls, section: str, cd: ml_collections.ConfigDict, **overrides):
@@ -397,5 +430,56 @@ def validate(cd: ml_collections.ConfigDict, vocab_size: int | None = None) -> Co
       _check(a is None or a in MESH_AXES, f"mesh.rules[{logical}]",
              f"unknown mesh axis {a!r} (known: {', '.join(MESH_AXES)})")
 
+  lora = _check_lora(_view(LoRAConfig, "lora", cd.lora) if "lora" in cd else LoRAConfig(),
+                     model, moe)
+
   return Config(seed=int(cd.seed), model=model, moe=moe, data=data, opt=opt, train=train,
-                mesh=mesh)
+                mesh=mesh, lora=lora)
+
+
+def _check_lora(lora: LoRAConfig, model: ModelConfig, moe: MoEConfig) -> LoRAConfig:
+  """lora.*: the values, and that each target exists in this model with room for the rank;
+  returns the config with its targets resolved to plain names (aliases expanded)."""
+  _check(isinstance(lora.rank, numbers.Integral) and not isinstance(lora.rank, bool)
+         and lora.rank >= 0, "lora.rank", f"must be an int >= 0 (0 = off), got {lora.rank!r}")
+  if not lora.enabled:
+    return lora
+  _check(lora.alpha > 0, "lora.alpha", f"must be > 0, got {lora.alpha!r}")
+  _one_of("lora.scaling", lora.scaling, LORA_SCALINGS)
+  _one_of("lora.dtype", lora.dtype, DTYPES)
+  _check(isinstance(lora.train_router, bool), "lora.train_router",
+         f"must be True or False, got {lora.train_router!r}")
+  _check(isinstance(lora.targets, str), "lora.targets",
+         f"must be a comma-separated str, got {lora.targets!r}")
+  names = [x.strip() for x in lora.targets.split(",") if x.strip()]
+  known = LORA_TARGETS + tuple(LORA_ALIASES)
+  for t in names:
+    _check(t in known, "lora.targets", f"unknown target {t!r} (known: {', '.join(known)})")
+  moe_layers = model.moe_layers
+  has = {"q": True, "k": True, "v": True, "o": True,
+         "dense": len(moe_layers) < model.num_layers, "shared": bool(
+             moe_layers and moe.num_shared_experts), "experts": bool(moe_layers)}
+  what = {"dense": "no dense block", "shared": "no shared experts",
+          "experts": "no MoE block (routed experts)"}
+  targets = set()
+  for t in names:
+    if t == "all":  # every target this model has
+      targets.update(x for x in LORA_TARGETS if has[x])
+      continue
+    for x in LORA_ALIASES.get(t, (t,)):
+      _check(has[x], "lora.targets", f"{x}: the model has {what.get(x)}")
+      targets.add(x)
+  _check(bool(targets) or lora.train_router, "lora.targets",
+         "empty: name at least one target (or set lora.train_router)")
+  _check(not lora.train_router or bool(moe_layers), "lora.train_router",
+         "the model has no router (no MoE block)")
+  # The rank of B A cannot exceed the smaller side of the weight it adapts.
+  d, ha, ja = model.d_model, model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+  sides = {"q": (d, ha), "k": (d, ja), "v": (d, ja), "o": (ha, d), "dense": (d, model.d_ff),
+           "shared": (d, moe.num_shared_experts * (moe.d_shared or moe.d_expert)),
+           "experts": (d, moe.d_expert)}
+  for x in sorted(targets):
+    _check(lora.rank <= min(sides[x]), "lora.rank",
+           f"{lora.rank} is above the smaller side {min(sides[x])} of the {x} weights "
+           f"{sides[x][0]}x{sides[x][1]}")
+  return dataclasses.replace(lora, targets=",".join(x for x in LORA_TARGETS if x in targets))

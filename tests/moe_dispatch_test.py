@@ -365,7 +365,7 @@ def test_gather_equals_dropless_and_never_touches_other_experts(chunk_bytes, mon
                                  jnp.ones(rows.shape[:1], bool))
   want, _ = dispatch.dropless_dispatch(x, r, _plan("dropless"), dispatch.Experts(None, grouped))
   unused = np.setdiff1d(np.arange(e), np.ravel(index))
-  poisoned = experts_lib.ExpertWeights(*(a.at[unused].set(jnp.nan) for a in w))
+  poisoned = experts_lib.ExpertWeights(*(a.at[unused].set(jnp.nan) for a in w[:3]))
   gathered = lambda rows, ids: (experts_lib.gathered(poisoned, rows, ids),
                                 jnp.ones(rows.shape[:1], bool))
   got, kept = jax.jit(lambda x: dispatch.gather_dispatch(

@@ -3,7 +3,8 @@ workdir (`import_hf`), and a workdir's model -> a transformers directory (`expor
 
 Import writes WORKDIR/params/, WORKDIR/tokenizer/, WORKDIR/hf_source.json and, last,
 WORKDIR/config.json: a workdir without config.json is an import that did not finish, and the
-same command run again redoes it. Export writes OUT.partial/ and swaps it in for OUT
+same command run again redoes it. A workdir with LoRA adapters exports its merged model
+(W + scale * A B); `python -m moex.adapters` writes the adapters alone (PEFT's format). Export writes OUT.partial/ and swaps it in for OUT
 (safetensors_dir.replace_dir); OUT must be new, empty or an earlier export (moex_export.json)
 unless `overwrite`.
 """
@@ -25,6 +26,7 @@ from moex import errors
 from moex import workdir as workdir_lib
 from moex.data import tokenizer as tokenizer_lib
 from moex.interop import families, hf, safetensors_dir
+from moex.model import lora
 from moex.parallel import mesh as mesh_lib
 from moex.train import init_from, loop, state as state_lib
 
@@ -111,14 +113,13 @@ def export_hf(workdir: str, out_dir: str, architecture: str | None = None,
   out = epath.Path(out_dir)
   # Refused before any weight is read; hf.export checks again right before writing.
   safetensors_dir.check_target(out, overwrite=overwrite, keep=(wd.path, epath.Path(os.getcwd())))
-  # One host device holds the parameters (the export streams them out one by one).
-  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
-  mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
-  _, abs_params, abs_buffers = state_lib.abstract_variables(
-      dataclasses.replace(cfg, mesh=one), mesh)
-  params, _ = init_from.load_params(workdir, abs_params, abs_buffers, who=f"--workdir={workdir}")
+  params, buffers = load_on_one_device(wd, cfg)
+  del buffers
+  if cfg.lora.enabled:  # what the adapter run computes: W + scale * A B
+    params = lora.merged(params, cfg.lora)
+    cfg = dataclasses.replace(cfg, lora=config_lib.LoRAConfig())
   source = hf_source(wd)
-  tok_dir = _tokenizer_dir(wd)
+  tok_dir = tokenizer_dir(wd)
   extra = dict(source.get("config") or {})
   if tok_dir is not None and not source:  # a moex-trained model: special ids from its tokenizer
     tok = tokenizer_lib.get_tokenizer(str(tok_dir))
@@ -137,7 +138,18 @@ def export_hf(workdir: str, out_dir: str, architecture: str | None = None,
                    marker={"workdir": str(wd.path)})
 
 
-def _tokenizer_dir(wd: workdir_lib.Workdir) -> epath.Path | None:
+def load_on_one_device(wd: workdir_lib.Workdir, cfg: config_lib.Config) -> tuple[dict, dict]:
+  """(params, buffers) of the workdir (params/ or its newest readable checkpoint, adapters
+  included) on one host device: export and merge stream them out one by one."""
+  one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
+  mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
+  _, abs_params, abs_buffers = state_lib.abstract_variables(
+      dataclasses.replace(cfg, mesh=one), mesh)
+  return init_from.load_params(str(wd.path), abs_params, abs_buffers,
+                               who=f"--workdir={wd.path}")
+
+
+def tokenizer_dir(wd: workdir_lib.Workdir) -> epath.Path | None:
   """The directory of the workdir's tokenizer files (its one rule), if it has one."""
   spec = wd.tokenizer_spec()
   if spec == "byte":

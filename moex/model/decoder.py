@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moex.config import ModelConfig, MoEConfig
+from moex.config import LoRAConfig, ModelConfig, MoEConfig
+from moex.model import lora as lora_lib
 from moex.model import cache as kv_cache
 from moex.model.layers import Attention, Embed, RMSNorm, SwiGLU, normal, param, segment_mask
 from moex.moe.layer import MoEBlock, MoEOutput
@@ -15,15 +16,16 @@ from moex.moe.layer import MoEBlock, MoEOutput
 class Block(nnx.Module):
   """Pre-norm residual block; the feed-forward part is dense SwiGLU or MoE."""
 
-  def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, is_moe: bool, rngs: nnx.Rngs,
+               adapters: lora_lib.Factory | None = None):
     self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
-    self.attn = Attention(cfg, rngs)
+    self.attn = Attention(cfg, rngs, adapters)
     self.ffn_norm = RMSNorm(cfg.d_model, cfg, rngs)
     self.is_moe = is_moe
     if is_moe:
-      self.ffn = MoEBlock(cfg, moe_cfg, rngs)
+      self.ffn = MoEBlock(cfg, moe_cfg, rngs, adapters)
     else:
-      self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg, rngs)
+      self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg, rngs, adapters, "dense")
 
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, tokens_BxL: jax.Array,
                rng: jax.Array | None, positions_BxL: jax.Array | None = None,
@@ -55,15 +57,18 @@ class Block(nnx.Module):
 
 class Decoder(nnx.Module):
   """Decoder-only transformer; returns float32 logits [B, L, V] and the MoE blocks'
-  MoEOutput stacked over MoE layers (leading axis N; None for a dense model)."""
+  MoEOutput stacked over MoE layers (leading axis N; None for a dense model). `lora` adds
+  the adapters its targets name (moex/model/lora.py; None or rank 0: none)."""
 
-  def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs,
+               lora: LoRAConfig | None = None):
     self.embed = Embed(cfg, rngs)
     # Named attributes (not a list) keep checkpoint keys readable: block_0, block_1, ...
     self.num_layers = cfg.num_layers
     self.remat = cfg.remat
+    adapters = lora_lib.Factory(lora, rngs)
     for i in range(cfg.num_layers):
-      setattr(self, f"block_{i}", Block(cfg, moe_cfg, cfg.is_moe_layer(i), rngs))
+      setattr(self, f"block_{i}", Block(cfg, moe_cfg, cfg.is_moe_layer(i), rngs, adapters))
     self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
     self.unembed_DxV = param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size),
                              jnp.dtype(cfg.param_dtype), ("embed", "vocab"))

@@ -16,6 +16,7 @@ from flax import nnx
 
 from moex.config import ModelConfig
 from moex.model import cache as kv_cache
+from moex.model import lora as lora_lib
 
 
 def normal(std: float):
@@ -90,7 +91,8 @@ def rotary(x_BxLxHxA: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary embeddings."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs,
+               adapters: lora_lib.Factory | None = None):
     d, h, j, a = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = jnp.dtype(cfg.param_dtype)
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
@@ -104,6 +106,12 @@ class Attention(nnx.Module):
     norms = {"head": ((a, "A"), (a, "A")), "full": ((h * a, "HA"), (j * a, "JA"))}.get(cfg.qk_norm)
     self.q_norm = None if norms is None else RMSNorm(norms[0][0], cfg, rngs, width=norms[0][1])
     self.k_norm = None if norms is None else RMSNorm(norms[1][0], cfg, rngs, width=norms[1][1])
+    # Adapters (lora.targets q, k, v, o; None when left out): moex/model/lora.py.
+    adapters = adapters or lora_lib.Factory(None, rngs)
+    self.lora_q = adapters("q", "q_DxHxA", (d, h, a), ("embed", "heads", None), 1)
+    self.lora_k = adapters("k", "k_DxJxA", (d, j, a), ("embed", "kv_heads", None), 1)
+    self.lora_v = adapters("v", "v_DxJxA", (d, j, a), ("embed", "kv_heads", None), 1)
+    self.lora_o = adapters("o", "o_HxAxD", (h, a, d), ("heads", None, "embed"), 2)
 
   def _norm(self, norm: "RMSNorm | None", x_BxLxHxA: jax.Array) -> jax.Array:
     if norm is None:
@@ -116,15 +124,19 @@ class Attention(nnx.Module):
   def _qkv(self, x_BxLxD: jax.Array, pos_BxL: jax.Array):
     """Queries [B, L, H, A], keys and values [B, L, J, A] at positions pos_BxL."""
     dt = x_BxLxD.dtype
-    q = jnp.einsum("bld,dha->blha", x_BxLxD, self.q_DxHxA[...].astype(dt))
-    k = jnp.einsum("bld,dja->blja", x_BxLxD, self.k_DxJxA[...].astype(dt))
-    v = jnp.einsum("bld,dja->blja", x_BxLxD, self.v_DxJxA[...].astype(dt))
+    q = _plus(jnp.einsum("bld,dha->blha", x_BxLxD, self.q_DxHxA[...].astype(dt)),
+              self.lora_q, x_BxLxD)
+    k = _plus(jnp.einsum("bld,dja->blja", x_BxLxD, self.k_DxJxA[...].astype(dt)),
+              self.lora_k, x_BxLxD)
+    v = _plus(jnp.einsum("bld,dja->blja", x_BxLxD, self.v_DxJxA[...].astype(dt)),
+              self.lora_v, x_BxLxD)
     q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
     return rotary(q, pos_BxL, self.theta), rotary(k, pos_BxL, self.theta), v
 
   def _out(self, out_BxLxHxA: jax.Array) -> jax.Array:
     dt = out_BxLxHxA.dtype
-    return jnp.einsum("blha,had->bld", out_BxLxHxA, self.o_HxAxD[...].astype(dt))
+    return _plus(jnp.einsum("blha,had->bld", out_BxLxHxA, self.o_HxAxD[...].astype(dt)),
+                 self.lora_o, out_BxLxHxA)
 
   def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None,
                mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
@@ -150,18 +162,31 @@ class Attention(nnx.Module):
     return self._out(out_BxTxHxA), kv
 
 
-class SwiGLU(nnx.Module):
-  """Dense SwiGLU feed-forward block: (silu(x Wg) * x Wu) Wd."""
+def _plus(y: jax.Array, adapter: "lora_lib.Adapter | None", x: jax.Array) -> jax.Array:
+  """y + the adapter's scale * (x A) B (y itself without one)."""
+  return y if adapter is None else y + adapter(x)
 
-  def __init__(self, d_model: int, d_ff: int, cfg: ModelConfig, rngs: nnx.Rngs):
+
+class SwiGLU(nnx.Module):
+  """Dense SwiGLU feed-forward block: (silu(x Wg) * x Wu) Wd. `lora_target` ("dense" or
+  "shared") names its adapters' target in lora.targets."""
+
+  def __init__(self, d_model: int, d_ff: int, cfg: ModelConfig, rngs: nnx.Rngs,
+               adapters: lora_lib.Factory | None = None, lora_target: str = "dense"):
     pd = jnp.dtype(cfg.param_dtype)
     out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     self.gate_DxF = param(rngs, normal(cfg.init_std), (d_model, d_ff), pd, ("embed", "mlp"))
     self.up_DxF = param(rngs, normal(cfg.init_std), (d_model, d_ff), pd, ("embed", "mlp"))
     self.down_FxD = param(rngs, normal(out_std), (d_ff, d_model), pd, ("mlp", "embed"))
+    adapters = adapters or lora_lib.Factory(None, rngs)
+    adapter = lambda name, shape, names: adapters(lora_target, name, shape, names, 1)
+    self.lora_gate = adapter("gate_DxF", (d_model, d_ff), ("embed", "mlp"))
+    self.lora_up = adapter("up_DxF", (d_model, d_ff), ("embed", "mlp"))
+    self.lora_down = adapter("down_FxD", (d_ff, d_model), ("mlp", "embed"))
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dt = x_BxLxD.dtype
-    g = x_BxLxD @ self.gate_DxF[...].astype(dt)
-    u = x_BxLxD @ self.up_DxF[...].astype(dt)
-    return (jax.nn.silu(g) * u) @ self.down_FxD[...].astype(dt)
+    g = _plus(x_BxLxD @ self.gate_DxF[...].astype(dt), self.lora_gate, x_BxLxD)
+    u = _plus(x_BxLxD @ self.up_DxF[...].astype(dt), self.lora_up, x_BxLxD)
+    h = jax.nn.silu(g) * u
+    return _plus(h @ self.down_FxD[...].astype(dt), self.lora_down, h)

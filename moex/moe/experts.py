@@ -12,32 +12,76 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moex.model import lora as lora_lib
 from moex.moe import gmm
 
 
+class ExpertAdapters(NamedTuple):
+  """LoRA on the routed experts (moex/model/lora.py), per expert; each B already times the
+  adapters' scale. The lowercase r is the rank."""
+
+  gate_a_ExDxr: jax.Array
+  gate_b_ExrxF: jax.Array
+  up_a_ExDxr: jax.Array
+  up_b_ExrxF: jax.Array
+  down_a_ExFxr: jax.Array
+  down_b_ExrxD: jax.Array
+
+
 class ExpertWeights(NamedTuple):
-  """The routed experts' weights (all E, or this device's E_local inside shard_map)."""
+  """The routed experts' weights (all E, or this device's E_local inside shard_map), and
+  their adapters (None without)."""
 
   gate_ExDxF: jax.Array
   up_ExDxF: jax.Array
   down_ExFxD: jax.Array
+  adapters: ExpertAdapters | None = None
 
   def astype(self, dtype) -> "ExpertWeights":
-    return ExpertWeights(*(w.astype(dtype) for w in self))
+    cast = lambda ws: [w.astype(dtype) for w in ws]
+    return ExpertWeights(*cast(self[:3]), None if self.adapters is None
+                         else ExpertAdapters(*cast(self.adapters)))
+
+  def projections(self):
+    """(weight, adapter A, adapter B) of gate, up and down (A, B None without adapters)."""
+    ad = self.adapters
+    if ad is None:
+      return tuple((w, None, None) for w in self[:3])
+    return ((self.gate_ExDxF, ad.gate_a_ExDxr, ad.gate_b_ExrxF),
+            (self.up_ExDxF, ad.up_a_ExDxr, ad.up_b_ExrxF),
+            (self.down_ExFxD, ad.down_a_ExFxr, ad.down_b_ExrxD))
 
 
 # Logical axis names of each weight, in ExpertWeights order: the parameters' shardings
 # (moex/parallel/sharding.py) and the MoE shard_map's specs (moex/moe/parallel.py) use these.
+# An adapter is split like its expert: A's input side like the weight's, B's output side.
 LOGICAL_AXES = ExpertWeights(("expert", "embed", "expert_mlp"), ("expert", "embed", "expert_mlp"),
                              ("expert", "expert_mlp", "embed"))
+ADAPTER_AXES = ExpertAdapters(("expert", "embed", None), ("expert", None, "expert_mlp"),
+                              ("expert", "embed", None), ("expert", None, "expert_mlp"),
+                              ("expert", "expert_mlp", None), ("expert", None, "embed"))
+
+
+def _swiglu(mm, x, w: ExpertWeights):
+  """silu(x Wg) * (x Wu), times Wd, with `mm(x, w)` a layout's per-expert matmul; each
+  projection adds its adapter's (x A) B through the same mm (so through the same rows,
+  tiles or blocks as the weight). x and the results may be pytrees of arrays (a layout
+  that keeps rows in two places)."""
+
+  def proj(x, weights):
+    w_, a, b = weights
+    y = mm(x, w_)
+    return y if a is None else jax.tree.map(jnp.add, y, mm(mm(x, a), b))
+
+  gate, up, down = w.projections()
+  h = jax.tree.map(lambda g, u: jax.nn.silu(g) * u, proj(x, gate), proj(x, up))
+  return proj(h, down)
 
 
 def buffered(w: ExpertWeights, x_ExRxD: jax.Array) -> jax.Array:
   """Expert e applied to its R buffer rows: [E, R, D]."""
   w = w.astype(x_ExRxD.dtype)
-  g = jnp.einsum("erd,edf->erf", x_ExRxD, w.gate_ExDxF)
-  u = jnp.einsum("erd,edf->erf", x_ExRxD, w.up_ExDxF)
-  return jnp.einsum("erf,efd->erd", jax.nn.silu(g) * u, w.down_ExFxD)
+  return _swiglu(lambda x, m: jnp.einsum("erd,edf->erf", x, m), x_ExRxD, w)
 
 
 def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
@@ -45,22 +89,17 @@ def grouped(w: ExpertWeights, x_MxD: jax.Array, group_sizes_E: jax.Array,
   """Rows sorted by expert, group_sizes_E rows each: [M, D]."""
   w = w.astype(x_MxD.dtype)
   backend = gmm.resolve_backend(backend)
-  if backend == "tiled":  # Pad once; all three matmuls run in the tiled layout.
+  if backend == "tiled":  # Pad once; every matmul runs in the tiled layout.
     layout = gmm.TiledLayout(group_sizes_E, x_MxD.shape[0],
                              gmm.default_tile(x_MxD.shape[0], w.gate_ExDxF.shape[0]))
-    x_ZxPxD = layout.pad(x_MxD)
-    h = jax.nn.silu(layout.matmul(x_ZxPxD, w.gate_ExDxF)) * layout.matmul(x_ZxPxD, w.up_ExDxF)
-    return layout.unpad(layout.matmul(h, w.down_ExFxD))
-  if backend == "blocked":  # Blocks built once; the hidden rows stay in both layouts.
+    return layout.unpad(_swiglu(layout.matmul, layout.pad(x_MxD), w))
+  if backend == "blocked":  # Blocks built once; the rows stay in both layouts throughout:
+    # (blocks [E, C, .], the overflow rows [M, .]).
     layout = gmm.BlockedLayout(group_sizes_E, x_MxD.shape[0])
-    g_ExCxF, g_MxF = layout.matmul(x_MxD, layout.to_blocks(x_MxD), w.gate_ExDxF)
-    u_ExCxF, u_MxF = layout.matmul(x_MxD, layout.to_blocks(x_MxD), w.up_ExDxF)
-    h_ExCxF, h_MxF = jax.nn.silu(g_ExCxF) * u_ExCxF, jax.nn.silu(g_MxF) * u_MxF
-    y_ExCxD = jnp.einsum("ecf,efd->ecd", h_ExCxF, w.down_ExFxD)
-    return layout.from_blocks(y_ExCxD) + layout.overflow(h_MxF, w.down_ExFxD)
-  g = gmm.grouped_matmul(x_MxD, w.gate_ExDxF, group_sizes_E, backend)
-  u = gmm.grouped_matmul(x_MxD, w.up_ExDxF, group_sizes_E, backend)
-  return gmm.grouped_matmul(jax.nn.silu(g) * u, w.down_ExFxD, group_sizes_E, backend)
+    mm = lambda x, m: (jnp.einsum("ecd,edf->ecf", x[0], m), layout.overflow(x[1], m))
+    y_ExCxD, y_MxD = _swiglu(mm, (layout.to_blocks(x_MxD), x_MxD), w)
+    return layout.from_blocks(y_ExCxD) + y_MxD
+  return _swiglu(lambda x, m: gmm.grouped_matmul(x, m, group_sizes_E, backend), x_MxD, w)
 
 
 # Weight rows copied per inner step of `gathered`: about this many bytes, so the copy of an
@@ -105,16 +144,15 @@ def gathered(w: ExpertWeights, x_MxD: jax.Array, expert_M: jax.Array) -> jax.Arr
   products into slow reductions.
   """
   w = w.astype(x_MxD.dtype)
-  h_MxF = (jax.nn.silu(_gathered_matvec(x_MxD, w.gate_ExDxF, expert_M))
-           * _gathered_matvec(x_MxD, w.up_ExDxF, expert_M))
-  return _gathered_matvec(h_MxF, w.down_ExFxD, expert_M)
+  return _swiglu(lambda x, m: _gathered_matvec(x, m, expert_M), x_MxD, w)
 
 
 class Experts(nnx.Module):
   """E independent SwiGLU experts' parameters."""
 
   def __init__(self, num_experts: int, d_model: int, d_expert: int, init_std: float,
-               out_std: float, param_dtype, rngs: nnx.Rngs):
+               out_std: float, param_dtype, rngs: nnx.Rngs,
+               adapters: lora_lib.Factory | None = None):
     e, d, f = num_experts, d_model, d_expert
     init, out_init = nnx.initializers.normal(init_std), nnx.initializers.normal(out_std)
     names = LOGICAL_AXES
@@ -124,9 +162,17 @@ class Experts(nnx.Module):
                               out_sharding=names.up_ExDxF)
     self.down_ExFxD = nnx.Param(out_init(rngs.params(), (e, f, d), param_dtype),
                                 out_sharding=names.down_ExFxD)
+    adapters = adapters or lora_lib.Factory(None, rngs)
+    self.lora_gate = adapters("experts", "gate_ExDxF", (e, d, f), names.gate_ExDxF, 1, 1)
+    self.lora_up = adapters("experts", "up_ExDxF", (e, d, f), names.up_ExDxF, 1, 1)
+    self.lora_down = adapters("experts", "down_ExFxD", (e, f, d), names.down_ExFxD, 1, 1)
 
   def weights(self) -> ExpertWeights:
-    return ExpertWeights(self.gate_ExDxF[...], self.up_ExDxF[...], self.down_ExFxD[...])
+    ad = None
+    if self.lora_gate is not None:
+      ad = ExpertAdapters(*(x for m in (self.lora_gate, self.lora_up, self.lora_down)
+                            for x in (m.a, m.scaled_b())))
+    return ExpertWeights(self.gate_ExDxF[...], self.up_ExDxF[...], self.down_ExFxD[...], ad)
 
   # Convenience for single-device use (tests, benchmarks).
   def buffered(self, x_ExRxD: jax.Array) -> jax.Array:

@@ -232,18 +232,31 @@ def chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk: int, skip: int = 0):
 
 
 def _chunked_fwd(x_MxD, w_ExDxF, group_sizes_E, chunk, skip):
-  return (_chunked_gmm(x_MxD, w_ExDxF, group_sizes_E, chunk, skip=skip),
-          (x_MxD, w_ExDxF, group_sizes_E))
+  """With symbolic zeros: each input says whether it is differentiated (`perturbed`), and
+  the residuals carry only what the backward pass will compute. A frozen weight (LoRA
+  trains only adapters) gets no dw loop at all; XLA does not drop an unused loop."""
+  x, w, sizes = x_MxD.value, w_ExDxF.value, group_sizes_E.value
+  res = {"w": w, "sizes": sizes}
+  if w_ExDxF.perturbed:
+    res["x"] = x  # dw needs the inputs
+  if x_MxD.perturbed:
+    res["dx"] = x[:0]  # a marker (dx is wanted) keeping x's type: its dtype and mesh axes
+  return _chunked_gmm(x, w, sizes, chunk, skip=skip), res
 
 
 def _chunked_bwd(chunk, skip, res, dy_MxF):
-  x_MxD, w_ExDxF, group_sizes_E = res
-  dx = _chunked_gmm(dy_MxF, w_ExDxF, group_sizes_E, chunk, transpose_w=True, skip=skip)
-  dw = _chunked_tgmm(x_MxD, dy_MxF, group_sizes_E, w_ExDxF.shape[0], chunk, skip=skip)
-  return (permute.like_primal(dx, x_MxD), permute.like_primal(dw.astype(w_ExDxF.dtype), w_ExDxF), None)
+  w_ExDxF, group_sizes_E = res["w"], res["sizes"]
+  dx = dw = None
+  if "dx" in res:
+    dx = _chunked_gmm(dy_MxF, w_ExDxF, group_sizes_E, chunk, transpose_w=True, skip=skip)
+    dx = permute.like_primal(dx.astype(res["dx"].dtype), res["dx"])
+  if "x" in res:
+    dw = _chunked_tgmm(res["x"], dy_MxF, group_sizes_E, w_ExDxF.shape[0], chunk, skip=skip)
+    dw = permute.like_primal(dw.astype(w_ExDxF.dtype), w_ExDxF)
+  return dx, dw, None
 
 
-chunked_gmm.defvjp(_chunked_fwd, _chunked_bwd)
+chunked_gmm.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moex.config import ConfigError, ModelConfig, MoEConfig
+from moex.model import lora as lora_lib
 from moex.model.layers import SwiGLU
 from moex.moe import dispatch, experts as experts_lib, parallel, routing, stats
 
@@ -71,17 +72,18 @@ def moe_forward(router_DxE, bias_E, w: experts_lib.ExpertWeights, x_GxSxD, token
 class MoEBlock(nnx.Module):
   """Mixture-of-experts SwiGLU block; returns (output [B, L, D], MoEOutput)."""
 
-  def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs):
+  def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, rngs: nnx.Rngs,
+               adapters: lora_lib.Factory | None = None):
     self.cfg = moe_cfg
     out_std = model_cfg.init_std / (2 * model_cfg.num_layers) ** 0.5
     self.router = routing.Router(model_cfg.d_model, moe_cfg.num_experts, model_cfg.init_std,
                                  rngs, with_bias=routing.ROUTERS[moe_cfg.router].has_bias)
     self.experts = experts_lib.Experts(moe_cfg.num_experts, model_cfg.d_model,
                                        moe_cfg.d_expert, model_cfg.init_std, out_std,
-                                       jnp.dtype(model_cfg.param_dtype), rngs)
+                                       jnp.dtype(model_cfg.param_dtype), rngs, adapters)
     width = moe_cfg.num_shared_experts * (moe_cfg.d_shared or moe_cfg.d_expert)
     # Assigned once: NNX fixes an attribute as data or static on first assignment.
-    self.shared = (SwiGLU(model_cfg.d_model, width, model_cfg, rngs)
+    self.shared = (SwiGLU(model_cfg.d_model, width, model_cfg, rngs, adapters, "shared")
                    if moe_cfg.num_shared_experts else None)
 
   def plan(self, train: bool, tokens_per_group: int, num_tokens: int | None = None

@@ -180,7 +180,11 @@ def shard_moe(fn, mesh, args: tuple, returns_bias: bool):
                        "call in `with sharding.use_rules(cfg.mesh.rules)`")
   moe_rules = tuple((k, v) for k, v in rules if k in SHARD_MAP_AXES)
   spec = lambda *names: sharding.logical_to_spec(names, moe_rules, mesh)
-  w_spec = experts_lib.ExpertWeights(*(spec(*names) for names in experts_lib.LOGICAL_AXES))
+  # Adapters (LoRA) are split like their experts.
+  w_spec = experts_lib.ExpertWeights(
+      *(spec(*names) for names in experts_lib.LOGICAL_AXES[:3]),
+      None if args[2].adapters is None else experts_lib.ExpertAdapters(
+          *(spec(*names) for names in experts_lib.ADAPTER_AXES)))
   bias_spec = None if args[1] is None else P()
   valid_spec = None if args[6] is None else spec("batch", None)
   in_specs = (P(), bias_spec, w_spec, spec("batch", None, None), spec("batch", None), P(),

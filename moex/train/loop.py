@@ -25,6 +25,7 @@ from moex import config as config_lib
 from moex.data import pipeline, tokenizer as tokenizer_lib
 from moex.moe import dispatch as moe_dispatch, stats as moe_stats
 from moex.parallel import mesh as mesh_lib, sharding
+from moex.model import lora
 from moex.train import checkpoint, flops, init_from, optimizer, profiler, state as state_lib
 from moex.train import step as step_lib
 from moex import workdir as workdir_lib
@@ -143,8 +144,9 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
     raise
   if latest is not None and previous_steps is not None:
     _warn_if_schedule_changed(cfg.opt, previous_steps, cfg.train.steps, latest)
-  logging.info("model: %.2fM parameters, MoE layers %s", state_lib.param_count(state) / 1e6,
-               list(cfg.model.moe_layers))
+  logging.info("model: %.2fM parameters (%.4gM trainable), MoE layers %s",
+               state_lib.param_count(state) / 1e6,
+               state_lib.trainable_count(cfg, state["params"]) / 1e6, list(cfg.model.moe_layers))
   # Steps are traced under the mesh and the rules: the MoE layer's shard_map reads both.
   with jax.set_mesh(mesh), sharding.use_rules(cfg.mesh.rules):
     runner = _Runner(cfg, mesh, model, data, tx, lr_schedule, workdir, ckpt, latest)
@@ -156,12 +158,19 @@ def _train_locked(cd: ml_collections.ConfigDict, cfg: config_lib.Config, mesh: M
 
 
 def _initial_state(cfg: config_lib.Config, model: state_lib.Model, tx, init_fn) -> dict:
-  """The step-0 state: random parameters, or train.init_from's with a fresh optimizer."""
+  """The step-0 state: random parameters, or train.init_from's with a fresh optimizer. With
+  adapters (lora.rank > 0) the source holds the base model: its weights are read and the
+  adapters start as init_fn makes them (B = 0: step 0 is the source model exactly)."""
   if not cfg.train.init_from:
     return init_fn(cfg.seed)
-  params, buffers = init_from.load_params(cfg.train.init_from, model.abstract_state["params"],
+  abstract = model.abstract_state["params"]
+  adapters = {}
+  if cfg.lora.enabled:
+    adapters = lora.adapters_of(init_fn(cfg.seed)["params"])
+    abstract = lora.base_of(abstract)
+  params, buffers = init_from.load_params(cfg.train.init_from, abstract,
                                           model.abstract_state["buffers"])
-  return state_lib.start_from(model, tx, params, buffers, cfg.seed)
+  return state_lib.start_from(cfg, model, tx, lora.join(params, adapters), buffers, cfg.seed)
 
 
 def _previous_steps(workdir: str) -> int | None:

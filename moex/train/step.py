@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from moex.config import Config, DataConfig
+from moex.model import lora
 from moex.moe import stats as moe_stats
 
 # The keys a batch may carry (tokens always; segment_ids and positions together).
@@ -144,10 +145,17 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
     Callable, Callable]:
   """Returns (core, step): core(state, batch) -> (state, one step's metrics);
   step(state, acc, batch) -> (state, acc + metrics). Both pure, for jax.jit; `batch` is a
-  batch dict (or a tokens array), its keys fixed per compilation."""
-  grad_fn = jax.value_and_grad(
-      lambda p, b, t, r, n=None: loss_fn(p, b, t, r, graphdef=graphdef, cfg=cfg,
-                                         denominator=n), has_aux=True)
+  batch dict (or a tokens array), its keys fixed per compilation.
+
+  Gradients are taken with respect to the trainable parameters only (lora.partition): with
+  adapters the frozen base weights enter as constants, so no gradient of theirs is computed.
+  """
+  def grad_fn(params, *args):
+    trainable, frozen = lora.partition(params, cfg.lora)
+    return jax.value_and_grad(
+        lambda t, b, x, r, n=None: loss_fn(lora.join(t, frozen), b, x, r, graphdef=graphdef,
+                                           cfg=cfg, denominator=n),
+        has_aux=True)(trainable, *args)
 
   accum = cfg.train.grad_accum_steps
 
@@ -185,8 +193,9 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation) -> 
     batch = as_batch(batch)
     rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, aux), grads = accumulated_grads(state["params"], state["buffers"], batch, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    trainable, frozen = lora.partition(state["params"], cfg.lora)
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    params = lora.join(optax.apply_updates(trainable, updates), frozen)
     grad_norm = optax.tree.norm(grads)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
                      buffers=aux["buffers"])
