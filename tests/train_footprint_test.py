@@ -122,3 +122,20 @@ def test_describe_refuses_a_bad_device_count_or_memory_in_one_line():
     assert str(e.value) == line
   with pytest.raises(config_lib.ConfigError, match="mesh.fsdp: -1 cannot fill 12 devices"):
     footprint.describe(cd, "mixtral", 12)
+
+
+def test_an_adapter_run_shows_its_memory_beside_a_full_fine_tune():
+  """LoRA: gradients and optimizer state of the adapters only, the adapters' own bytes,
+  and a full fine-tune of the same model on the same mesh for comparison."""
+  cd = tiny.get_config()
+  cd.lora.rank, cd.lora.targets = 16, "attention,experts"
+  fp = footprint.footprint(config_lib.validate(cd, vocab_size=259), 1)
+  full = fp.full
+  assert full is not None and full.full is None
+  n = fp.trainable_params
+  assert fp.adapter_bytes == fp.grad_bytes == 4 * n  # float32, one device
+  assert 2 * 4 * n <= fp.opt_bytes < 2 * 4 * n + 64  # mu and nu of the adapters (+ counts)
+  assert full.grad_bytes == sum(full.param_bytes.values()) > 4 * fp.grad_bytes
+  text = footprint.report(fp, "lora")
+  assert f"LoRA adapters" in text and f"({n:,} trainable parameters)" in text
+  assert "a full fine-tune of the same model: gradients" in text

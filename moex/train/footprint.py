@@ -49,6 +49,7 @@ from moex import config as config_lib, errors, workdir as workdir_lib
 from moex.moe import dispatch, parallel as moe_parallel
 from moex.parallel import mesh as mesh_lib, sharding
 from moex.model import params
+from moex.model import lora
 from moex.train import optimizer, state as state_lib
 
 GIB = 2 ** 30
@@ -78,6 +79,9 @@ class Footprint:
   opt_dtypes: tuple[str, ...]
   activations: tuple[Term, ...]
   tokens: tuple[int, int]  # (b sequences, L tokens) per device and micro-batch
+  adapter_bytes: int = 0  # LoRA adapters (lora.rank > 0), beside the base's param_bytes
+  trainable_params: int = 0  # what the optimizer updates (all parameters without adapters)
+  full: "Footprint | None" = None  # with adapters: a full fine-tune of the same model
 
   @property
   def devices(self) -> int:
@@ -89,8 +93,8 @@ class Footprint:
 
   @property
   def total_bytes(self) -> int:
-    return sum(self.param_bytes.values()) + self.grad_bytes + self.opt_bytes + (
-        self.activation_bytes)
+    return sum(self.param_bytes.values()) + self.adapter_bytes + self.grad_bytes + (
+        self.opt_bytes + self.activation_bytes)
 
 
 def _bytes(leaf, sizes: dict[str, int]) -> int:
@@ -112,6 +116,13 @@ def footprint(cfg: config_lib.Config, devices: int) -> Footprint:
   counts = params.counts(cfg)
   accum = cfg.train.grad_accum_steps
   b = cfg.data.batch_size // accum // sharding.batch_shards(cfg.mesh.rules, mesh)
+  # Gradients exist for the trainable leaves only (all of them without adapters).
+  abstract = model.abstract_state["params"]
+  trainable = jax.tree.leaves(lora.partition(abstract, cfg.lora)[0])
+  adapters = jax.tree.leaves(lora.adapters_of(abstract))
+  full = None
+  if cfg.lora.enabled:
+    full = footprint(dataclasses.replace(cfg, lora=config_lib.LoRAConfig()), devices)
   return Footprint(
       mesh=sizes,
       total_params=sum(c.total for c in counts.values()),
@@ -119,11 +130,14 @@ def footprint(cfg: config_lib.Config, devices: int) -> Footprint:
       embedding_params=counts["embedding"].total + counts["unembedding"].total,
       param_bytes=param_bytes,
       param_dtypes=_dtypes(leaves),
-      grad_bytes=sum(param_bytes.values()) * (2 if accum > 1 else 1),
+      grad_bytes=(sum(_bytes(x, sizes) for x in trainable) if cfg.lora.enabled
+                  else sum(param_bytes.values())) * (2 if accum > 1 else 1),
       opt_bytes=sum(_bytes(x, sizes) for x in opt),
       opt_dtypes=_dtypes(x for x in opt if x.ndim),
       activations=_activations(cfg, mesh, b, leaves),
-      tokens=(b, cfg.data.seq_len))
+      tokens=(b, cfg.data.seq_len),
+      adapter_bytes=sum(_bytes(x, sizes) for x in adapters),
+      trainable_params=sum(math.prod(x.shape) for x in trainable), full=full)
 
 
 def _dtypes(leaves) -> tuple[str, ...]:
@@ -233,7 +247,10 @@ def report(fp: Footprint, name: str, memory_gib: float | None = None) -> str:
       f"  parameters         {_gib(params)}  ({', '.join(fp.param_dtypes)})",
       f"    routed experts   {_gib(fp.param_bytes['routed_experts'])}",
       f"    everything else  {_gib(params - fp.param_bytes['routed_experts'])}",
-      f"  gradients          {_gib(fp.grad_bytes)}  (the parameters' dtype and shards)",
+      *([f"  LoRA adapters      {_gib(fp.adapter_bytes)}  ({fp.trainable_params:,} "
+         "trainable parameters)"] if fp.full is not None else []),
+      f"  gradients          {_gib(fp.grad_bytes)}  (the trainable parameters' dtype and "
+      "shards)",
       f"  optimizer state    {_gib(fp.opt_bytes)}  (AdamW mu and nu: "
       f"{', '.join(fp.opt_dtypes)}, sharded like the parameters)",
       f"  activations        {_gib(fp.activation_bytes)}  (an estimate: {b} sequences x {l} "
@@ -241,6 +258,10 @@ def report(fp: Footprint, name: str, memory_gib: float | None = None) -> str:
   for term in fp.activations:
     lines.append(f"    {term.name}: {term.bytes / GIB:.2f} GiB  [{term.formula}]")
   lines.append(f"  total              {_gib(fp.total_bytes)}")
+  if fp.full is not None:
+    f = fp.full
+    lines.append(f"a full fine-tune of the same model: gradients {_gib(f.grad_bytes)}, "
+                 f"optimizer state {_gib(f.opt_bytes)}, total {_gib(f.total_bytes)} per device")
   if memory_gib is not None:
     used = fp.total_bytes / (memory_gib * GIB)
     verdict = "fits" if used <= 1 else "does not fit"
