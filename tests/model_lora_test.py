@@ -111,7 +111,7 @@ def test_zero_adapters_are_the_base_model_and_merged_equals_unmerged(name, moe, 
   assert rel <= 1e-5, rel
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch", [pytest.param("dropless", marks=_slow), "capacity"])
 def test_adapter_gradients_equal_the_merged_weights_reference(dispatch):
   """d loss / d (A, B) through the adapters == through the base model on W + scale * A B
   (autodiff of the merge), for every target's A and B (all targets on)."""

@@ -250,7 +250,8 @@ def report(fp: Footprint, name: str, memory_gib: float | None = None) -> str:
       *([f"  LoRA adapters      {_gib(fp.adapter_bytes)}  ({fp.trainable_params:,} "
          "trainable parameters)"] if fp.full is not None else []),
       f"  gradients          {_gib(fp.grad_bytes)}  (the "
-      f"{'trainable parameters' if fp.full is not None else 'parameters'}' dtype and shards)",
+      f"{'trainable parameters' if fp.full is not None else 'parameters'}' dtype and "
+      "shards)",
       f"  optimizer state    {_gib(fp.opt_bytes)}  (AdamW mu and nu: "
       f"{', '.join(fp.opt_dtypes)}, sharded like the parameters)",
       f"  activations        {_gib(fp.activation_bytes)}  (an estimate: {b} sequences x {l} "
