@@ -21,6 +21,7 @@ import json
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 
 from moex import config as config_lib
@@ -130,8 +131,9 @@ def from_peft(peft_dir: str, base: str, workdir: str,
   params, buffers = convert.load_on_one_device(src, cfg)
   # The adapters' shapes must be the model's: the same check a checkpoint read makes.
   _, abs_params, _ = _abstract(new_cfg)
-  want = {p: a.shape for p, a in _flat(lora.split(abs_params, lora.is_adapter)[0]).items()}
-  got = {p: a.shape for p, a in _flat(tree).items()}
+  flat = lambda t: {p: a.shape for p, a in ocp.tree.to_flat_dict(t).items()}
+  want = flat(lora.split(abs_params, lora.is_adapter)[0])
+  got = flat(tree)
   for p in sorted(set(want) | set(got)):
     if want.get(p) != got.get(p):
       raise peft.PeftError(f"{d / peft.WEIGHTS}: adapter {'/'.join(p)} is "
@@ -153,13 +155,3 @@ def _abstract(cfg: config_lib.Config):
   one = dataclasses.replace(cfg.mesh, data=1, fsdp=1, expert=1, tensor=1)
   mesh = mesh_lib.make_mesh(one, devices=jax.devices()[:1])
   return state_lib.abstract_variables(dataclasses.replace(cfg, mesh=one), mesh)
-
-
-def _flat(tree: dict, path: tuple = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, path + (k,)))
-    else:
-      out[path + (k,)] = v
-  return out
